@@ -1,0 +1,1 @@
+"""tsparse: sparse brain upgrades (PEER, Engram, mHC) for LLaMA-family models."""

@@ -1,0 +1,1 @@
+"""Sparse modules: PEER, Engram, mHC."""

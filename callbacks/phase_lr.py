@@ -1,0 +1,105 @@
+"""Phase schedules: per-group learning rates and freezing, derived from `global_step` (resume-safe)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import lightning as L
+
+from tsparse.config import ConfigError
+
+GROUPS = ("engram", "peer", "mhc", "base")
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    steps: int
+    lr: dict[str, float]
+    frozen: tuple[str, ...] = field(default_factory=tuple)
+
+
+def parse_phases(raw: Iterable[dict], key: str = "strategy.phases") -> list[Phase]:
+    """Validate a YAML phase list: names, positive steps, known groups, non-negative LRs."""
+    phases = []
+    for i, p in enumerate(raw):
+        p = dict(p)
+        where = f"{key}[{i}]"
+        unknown = set(p) - {"name", "steps", "lr", "frozen"}
+        if unknown:
+            raise ConfigError(f"{where} has unknown keys {sorted(unknown)}; allowed: ['name', 'steps', 'lr', 'frozen']")
+        steps = p.get("steps")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+            raise ConfigError(f"{where}.steps={steps!r} must be a positive integer")
+        lr = dict(p.get("lr") or {})
+        frozen = tuple(p.get("frozen") or ())
+        for group in (*lr, *frozen):
+            if group not in GROUPS:
+                raise ConfigError(f"{where} names unknown param group {group!r}; allowed: {list(GROUPS)}")
+        for group, value in lr.items():
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{where}.lr.{group}={value!r} must be a number >= 0")
+        phases.append(Phase(str(p.get("name", f"phase{i}")), steps, {g: float(v) for g, v in lr.items()}, frozen))
+    if not phases:
+        raise ConfigError(f"{key} is empty; give at least one phase")
+    return phases
+
+
+class PhaseLRCallback(L.Callback):
+    """Before every batch, set each named param group's LR from the phase that `global_step` falls in.
+
+    The LR is the phase LR times an optional warmup/cosine multiplier over the whole run. Groups listed
+    in a phase's `frozen` get `requires_grad=False` for that phase. With `reset_optimizer`, optimizer
+    state is cleared on the first step of every phase after the first. Nothing depends on callback
+    state, so a resumed run sets exactly the LRs an uninterrupted one would. The last phase extends
+    past its end if `max_steps` is longer than the schedule.
+    """
+
+    def __init__(self, phases: Sequence[dict] | Sequence[Phase], schedule: str = "constant",
+                 warmup_steps: int = 0, reset_optimizer: bool = False):
+        self.phases = [p if isinstance(p, Phase) else None for p in phases]
+        if None in self.phases:
+            self.phases = parse_phases(phases)
+        self.schedule, self.warmup_steps, self.reset_optimizer = schedule, warmup_steps, reset_optimizer
+        self.starts = [0]
+        for p in self.phases[:-1]:
+            self.starts.append(self.starts[-1] + p.steps)
+
+    def phase_index(self, step: int) -> int:
+        return max(i for i, start in enumerate(self.starts) if start <= step)
+
+    def multiplier(self, step: int, total_steps: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "cosine":
+            progress = (step - self.warmup_steps) / max(1, total_steps - self.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    def learning_rates(self, step: int, total_steps: int) -> dict[str, float]:
+        phase = self.phases[self.phase_index(step)]
+        scale = self.multiplier(step, total_steps)
+        return {g: lr * scale for g, lr in phase.lr.items()}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                missing = [p.name for p in self.phases if group["name"] not in p.lr]
+                if missing:
+                    raise ConfigError(f"strategy.phases {missing} give no lr for param group {group['name']!r}; "
+                                      f"add lr.{group['name']} to every phase")
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        index = self.phase_index(step)
+        phase = self.phases[index]
+        lrs = self.learning_rates(step, trainer.max_steps)
+        for opt in trainer.optimizers:
+            if self.reset_optimizer and index > 0 and step == self.starts[index]:
+                opt.state.clear()
+            for group in opt.param_groups:
+                group["lr"] = lrs[group["name"]]
+                for p in group["params"]:
+                    p.requires_grad_(group["name"] not in phase.frozen)
+        pl_module.log("train/phase", float(index), on_step=True, on_epoch=False)

@@ -1,0 +1,79 @@
+"""LightningModule wrapping a (possibly augmented) causal LM: loss, perplexities, sparse-aware optimization."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from tsparse.optim import SparseAwareAdamW, grad_norm_and_clip_
+
+
+class CausalLMModule(L.LightningModule):
+    """Trains the parameter groups given by `param_groups` (name -> params) on packed token blocks.
+
+    `tokens_per_word` maps a split to its token/word ratio so that word-level perplexity (comparable
+    across tokenizers) is logged next to token-level perplexity.
+    """
+
+    def __init__(self, model: nn.Module, param_groups: Callable[[nn.Module], dict[str, list[nn.Parameter]]],
+                 optim: dict, tokens_per_word: dict[str, float] | None = None):
+        super().__init__()
+        self.model = model
+        self.param_groups_fn = param_groups
+        self.optim_cfg = dict(optim)
+        self.tokens_per_word = dict(tokens_per_word or {})
+        self.save_hyperparameters(ignore=["model", "param_groups"])
+        self.val_nll, self.test_nll = MeanMetric(), MeanMetric()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).logits
+
+    def loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Mean next-token NLL over the block (packed blocks carry no padding)."""
+        logits = self(input_ids)[:, :-1].float()
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), input_ids[:, 1:].reshape(-1))
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: torch.Tensor, metric: MeanMetric, split: str) -> None:
+        loss = self.loss(batch)
+        metric.update(loss, weight=batch[:, 1:].numel())
+        self.log(f"{split}/loss", metric, prog_bar=split == "val")
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_nll, "val")
+
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_nll, "test")
+
+    def _log_perplexities(self, metric: MeanMetric, split: str, data_split: str) -> None:
+        nll = metric.compute().item()
+        self.log(f"{split}/ppl", math.exp(nll))
+        if data_split in self.tokens_per_word:
+            self.log(f"{split}/word_ppl", math.exp(nll * self.tokens_per_word[data_split]))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_perplexities(self.val_nll, "val", "validation")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_perplexities(self.test_nll, "test", "test")
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        groups = [{"name": name, "params": params}
+                  for name, params in self.param_groups_fn(self.model).items() if params]
+        return SparseAwareAdamW(groups, lr=cfg.get("lr", 1e-3), betas=cfg["betas"], eps=cfg["eps"],
+                                weight_decay=cfg["weight_decay"], table_lr_scale=cfg.get("table_lr_scale", 1.0))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Sparse-aware global-norm clipping (torch's clip_grad_norm_ rejects sparse grads)."""
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        norm = grad_norm_and_clip_(params, self.optim_cfg["grad_clip"])
+        self.log("train/grad_norm", norm)

@@ -1,0 +1,140 @@
+"""PEER: parameter-efficient expert retrieval (He, "Mixture of A Million Experts", 2024)."""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+GATES = ("softmax", "relu")
+
+
+def experts_side(num_experts: int) -> int:
+    """sqrt(num_experts), or ValueError if it is not a positive perfect square."""
+    side = math.isqrt(num_experts) if num_experts > 0 else 0
+    if side == 0 or side * side != num_experts:
+        raise ValueError(
+            f"peer.num_experts={num_experts} must be a positive perfect square "
+            "(e.g. 16384=128², 65536, 262144, 589824, 802816)"
+        )
+    return side
+
+
+class PEER(nn.Module):
+    """Parameter-efficient expert retrieval (He 2024): product-key top-k over N single-neuron experts.
+
+    Expert i is one neuron with a down vector u_i and an up vector v_i (two N x dim tables shared by
+    all heads). Each head splits its query in two halves, scores each half against sqrt(N) sub-keys,
+    and takes the top-k of the k^2 cartesian candidates (index i1*sqrt(N) + i2, score s1 + s2).
+    Output per token: sum over heads and chosen experts of gate_i * GELU(u_i . x) * v_i (GELU as in
+    the paper). The up table is zero-initialized, so the output is exactly zero at init; add it to
+    the decoder layer's output.
+
+    Parameters: exactly `param_count(...)`; query_batchnorm adds BatchNorm1d's 2 * (2*heads*key_dim)
+    affine parameters (and its running-stat buffers). The input RMSNorm has no parameters.
+    """
+
+    def __init__(self, dim: int, num_experts: int, heads: int = 4, top_k: int = 8, key_dim: int = 64,
+                 gate: str = "softmax", query_batchnorm: bool = False, input_norm: bool = True,
+                 table_dtype: torch.dtype = torch.float32, sparse_grad: bool = True,
+                 norm_eps: float = 1e-5):
+        super().__init__()
+        side = experts_side(num_experts)
+        if gate not in GATES:
+            raise ValueError(f"peer.gate={gate!r} must be one of {', '.join(map(repr, GATES))}")
+        if not 1 <= top_k <= side:
+            raise ValueError(f"peer.top_k={top_k} must be in [1, sqrt(num_experts)={side}]")
+        self.dim, self.num_experts, self.side = dim, num_experts, side
+        self.heads, self.top_k, self.key_dim = heads, top_k, key_dim
+        self.gate, self.input_norm, self.sparse_grad, self.norm_eps = gate, input_norm, sparse_grad, norm_eps
+
+        self.query = nn.Linear(dim, 2 * heads * key_dim, bias=False)
+        self.query_norm = nn.BatchNorm1d(2 * heads * key_dim) if query_batchnorm else None
+        self.keys = nn.Parameter(torch.empty(heads, side, 2, key_dim))
+        self.down = nn.Parameter(torch.empty(num_experts, dim, dtype=table_dtype))  # u_i
+        self.up = nn.Parameter(torch.empty(num_experts, dim, dtype=table_dtype))    # v_i
+
+        self.track_stats = False
+        self.stats: dict[str, Tensor] = {}
+        self.register_buffer("usage_counts", torch.zeros(num_experts, dtype=torch.long), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        nn.init.normal_(self.query.weight, std=self.dim ** -0.5)
+        nn.init.normal_(self.keys, std=self.key_dim ** -0.5)
+        nn.init.normal_(self.down, std=self.dim ** -0.5)
+        nn.init.zeros_(self.up)  # exact zero output at init
+
+    @staticmethod
+    def param_count(dim: int, num_experts: int, heads: int = 4, key_dim: int = 64) -> int:
+        """2*N*d (tables) + h*sqrt(N)*2*dk (sub-keys) + d*2*h*dk (query)."""
+        side = experts_side(num_experts)
+        return 2 * num_experts * dim + heads * side * 2 * key_dim + dim * 2 * heads * key_dim
+
+    def table_parameters(self) -> list[nn.Parameter]:
+        """The two N x dim expert tables (down u, up v): the sparsely touched parameters."""
+        return [self.down, self.up]
+
+    def _normed(self, x: Tensor) -> Tensor:
+        x = x.reshape(-1, self.dim).float()
+        return F.rms_norm(x, (self.dim,), eps=self.norm_eps) if self.input_norm else x
+
+    def _retrieve(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [M, dim] (normed) -> raw scores and expert indices, both [M, heads, top_k]."""
+        q = self.query(x)
+        if self.query_norm is not None:
+            q = self.query_norm(q)
+        q = q.view(-1, self.heads, 2, self.key_dim)
+        sub = torch.einsum("mhpd,hspd->mhps", q, self.keys)          # [M, h, 2, sqrtN]
+        s, i = sub.topk(self.top_k, dim=-1)                           # [M, h, 2, k]
+        cand_s = s[..., 0, :, None] + s[..., 1, None, :]              # [M, h, k, k]
+        cand_i = i[..., 0, :, None] * self.side + i[..., 1, None, :]
+        scores, best = cand_s.flatten(-2).topk(self.top_k, dim=-1)    # [M, h, k]
+        return scores, cand_i.flatten(-2).gather(-1, best)
+
+    def retrieve(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [..., dim] -> raw (un-gated) scores and expert indices, both [..., heads, top_k]."""
+        scores, idx = self._retrieve(self._normed(x))
+        shape = (*x.shape[:-1], self.heads, self.top_k)
+        return scores.view(shape), idx.view(shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., dim] -> the delta [..., dim] to add to the decoder layer's output."""
+        h = self._normed(x)
+        scores, idx = self._retrieve(h)
+        gate = scores.softmax(dim=-1) if self.gate == "softmax" else F.relu(scores)
+        idx, gate = idx.flatten(1), gate.flatten(1)                   # [M, h*k]
+        u = F.embedding(idx, self.down, sparse=self.sparse_grad).float()  # [M, h*k, dim]
+        v = F.embedding(idx, self.up, sparse=self.sparse_grad).float()
+        act = F.gelu(torch.einsum("mnd,md->mn", u, h)) * gate
+        out = torch.einsum("mn,mnd->md", act, v)
+
+        if self.track_stats:
+            with torch.no_grad():
+                flat = idx.reshape(-1)
+                self.usage_counts.index_add_(0, flat, torch.ones_like(flat))
+                x32 = x.detach().float()
+                self.stats = {"out_rms_ratio": out.detach().pow(2).mean().sqrt()
+                              / x32.pow(2).mean().sqrt().clamp_min(1e-12)}
+        return out.view(*x.shape[:-1], self.dim).to(x.dtype)
+
+    @torch.no_grad()
+    def usage_summary(self) -> dict[str, float]:
+        """Share of experts hit at least once, and normalized usage entropy in [0, 1]."""
+        counts = self.usage_counts.float()
+        total = counts.sum()
+        if total == 0:
+            return {"usage_fraction": 0.0, "usage_entropy": 0.0}
+        p = counts[counts > 0] / total
+        entropy = -(p * p.log()).sum() / math.log(self.num_experts) if self.num_experts > 1 else p.new_zeros(())
+        return {"usage_fraction": (counts > 0).float().mean().item(), "usage_entropy": entropy.clamp(0, 1).item()}
+
+    def reset_usage(self):
+        self.usage_counts.zero_()
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_experts={self.num_experts}, heads={self.heads}, top_k={self.top_k}, "
+                f"key_dim={self.key_dim}, gate={self.gate!r}, table_dtype={self.down.dtype}, "
+                f"sparse_grad={self.sparse_grad}")

@@ -1,0 +1,164 @@
+"""`python -m tsparse.train [+experiment=NAME] [overrides]`: build, train, test and export one run."""
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from tsparse.augment import augment, param_groups, params_by_group
+from tsparse.callbacks import PhaseLRCallback, TokenThroughput, parse_phases
+from tsparse.config import ConfigError, config_dir, to_container, validate
+from tsparse.data import WikiText2DataModule
+from tsparse.hub import HubUnreachableError
+from tsparse.lit_module import CausalLMModule
+from tsparse.models import load_base
+
+log = logging.getLogger("tsparse")
+
+
+def wandb_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    """Instantiate the configured loggers; W&B goes offline without an API key and keeps one run id per run dir."""
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if name == "wandb":
+            if not wandb_key_available():
+                os.environ.setdefault("WANDB_MODE", "offline")
+            os.environ.setdefault("WANDB_SILENT", "true")
+            id_file = run_dir / "wandb_id.txt"
+            if not id_file.is_file():
+                id_file.write_text(uuid.uuid4().hex[:12])
+            loggers.append(instantiate(node, id=id_file.read_text().strip(), resume="allow"))
+        else:
+            loggers.append(instantiate(node))
+    for logger in loggers:
+        logger.log_hyperparams(to_container(cfg))
+    return loggers
+
+
+def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
+    """`ckpt_path=last` -> this run dir's last.ckpt; refuse to silently start over on top of checkpoints."""
+    existing = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+    if cfg.ckpt_path is None:
+        if existing and not cfg.overwrite:
+            raise ConfigError(f"{ckpt_dir} already holds checkpoints; pass ckpt_path=last to resume, "
+                              "overwrite=true to start over, or change the overrides")
+        if existing:
+            shutil.rmtree(ckpt_dir)
+        return None
+    if cfg.ckpt_path == "last":
+        if not (ckpt_dir / "last.ckpt").is_file():
+            raise ConfigError(f"ckpt_path=last but {ckpt_dir} holds no last.ckpt; run without ckpt_path first")
+        return str(ckpt_dir / "last.ckpt")
+    if not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} is not a file; use null, 'last' or a path to a .ckpt")
+    return str(cfg.ckpt_path)
+
+
+def export_pretrained(model, tokenizer, target: str | Path) -> None:
+    """save_pretrained into a staging dir, then swap it in, so `target` is never half-written."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if target.exists():
+        old = target.with_name(f".{target.name}-old-{os.getpid()}")
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old)
+    else:
+        staging.rename(target)
+
+
+def run(cfg: DictConfig) -> dict:
+    validate(cfg)
+    phases = parse_phases(cfg.strategy.phases)
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = resolve_ckpt_path(cfg, Path(cfg.paths.ckpt_dir)) if cfg.train else None
+    L.seed_everything(cfg.seed, workers=True)
+
+    data_kwargs = {k: v for k, v in to_container(cfg.data).items() if k != "source"}
+    datamodule = WikiText2DataModule(None, source=cfg.data.source, seed=cfg.seed, **data_kwargs)
+    lm, tokenizer = load_base(cfg.model, lambda: datamodule.texts["train"])
+    max_context = getattr(lm.config, "max_position_embeddings", None)
+    if max_context and cfg.data.block_size > max_context:
+        raise ConfigError(f"data.block_size={cfg.data.block_size} exceeds the model context ({max_context})")
+    datamodule.tokenizer = tokenizer
+    datamodule.setup()
+
+    model = augment(lm, cfg, tokenizer)
+    if cfg.optim.base == "lora":
+        from tsparse.lora import add_lora
+
+        add_lora(model, cfg.optim.lora_rank)
+    groups = param_groups(model, cfg.optim.base)
+    log.info("trainable params: %s", {k: sum(p.numel() for p in v) for k, v in groups.items()})
+    module = CausalLMModule(model, lambda m: param_groups(m, cfg.optim.base), to_container(cfg.optim),
+                            tokens_per_word={s: datamodule.tokens_per_word(s) for s in ("validation", "test")})
+
+    throughput = TokenThroughput(window=cfg.trainer.log_every_n_steps)
+    callbacks = [instantiate(c) for name, c in (cfg.get("callbacks") or {}).items() if name != "throughput"]
+    callbacks += [throughput, PhaseLRCallback(phases, cfg.optim.schedule, cfg.optim.warmup_steps,
+                                               cfg.strategy.get("reset_optimizer", False))]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg, run_dir))
+
+    start = time.perf_counter()
+    if cfg.train:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    else:
+        trainer.validate(module, datamodule=datamodule)
+    results = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if cfg.test:
+        trainer.test(module, datamodule=datamodule)
+        results.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+    results.update(wall_seconds=time.perf_counter() - start, train_tokens_per_sec=throughput.average,
+                   global_step=trainer.global_step,
+                   params={k: sum(p.numel() for _, p in v) for k, v in params_by_group(model).items()})
+    if cfg.export_dir and trainer.is_global_zero:
+        if cfg.sparse.modules:
+            raise ConfigError("export_dir saves a plain HF model; it needs sparse=none")
+        export_pretrained(model.lm, tokenizer, cfg.export_dir)
+        log.info("exported the trained model to %s", cfg.export_dir)
+    if trainer.is_global_zero:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        log.info("results: %s", json.dumps(results))
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    try:
+        results = run(cfg)
+    except (ConfigError, HubUnreachableError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return results.get("val/loss")
+
+
+if __name__ == "__main__":
+    main()

@@ -93,11 +93,19 @@ class AugmentedCausalLM(nn.Module):
         super().__init__()
         self.lm, self.streams, self.tokens = lm, streams, TokenContext()
         self.stream_reduce = StreamReduce(streams, reduce) if streams > 1 else None
-        decoder = lm.get_decoder()
-        decoder.layers = nn.ModuleList(AugmentedDecoderLayer(layer, streams, self.tokens) for layer in decoder.layers)
-        if streams > 1:
+        if streams > 1:  # every layer must act on the streams
+            for i in range(len(self.layers)):
+                self.wrap(i)
+            decoder = lm.get_decoder()
             decoder.embed_tokens.register_forward_hook(self._expand)
             decoder.norm.register_forward_pre_hook(self._reduce)
+
+    def wrap(self, index: int) -> AugmentedDecoderLayer:
+        """The wrapper of decoder layer `index`, created on first use (unwrapped layers keep HF's keys)."""
+        layer = self.layers[index]
+        if not isinstance(layer, AugmentedDecoderLayer):
+            layer = self.layers[index] = AugmentedDecoderLayer(layer, self.streams, self.tokens)
+        return layer
 
     def _expand(self, module, inputs, output: Tensor) -> Tensor:
         return expand_streams(output, self.streams).flatten(-2)
@@ -118,6 +126,15 @@ class AugmentedCausalLM(nn.Module):
             return self.lm(input_ids=input_ids, **kwargs)
 
 
+def _construct(key: str, factory, *args, **kwargs):
+    """Build a module, turning its ValueError on a bad setting into a one-line ConfigError naming `key`."""
+    try:
+        return factory(*args, **kwargs)
+    except ValueError as err:
+        message = str(err)
+        raise ConfigError(message if message.startswith(key) else f"{key}: {message}") from None
+
+
 def _check_layers(key: str, layers, num_layers: int) -> list[int]:
     layers = list(layers)
     bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < num_layers]
@@ -136,32 +153,32 @@ def augment(lm: nn.Module, cfg: DictConfig, tokenizer=None) -> AugmentedCausalLM
     use_streams = "mhc" in modules and cfg.mhc.variant == "hyper"
     if "mhc" in modules:
         check_choice("mhc.variant", cfg.mhc.variant, ["hyper", "adapter"])
-    model = AugmentedCausalLM(lm, cfg.mhc.streams if use_streams else 1, cfg.mhc.reduce)
+    model = _construct("mhc", AugmentedCausalLM, lm, cfg.mhc.streams if use_streams else 1, cfg.mhc.reduce)
     if "engram" in modules:
         e = cfg.engram
         check_choice("engram.table_dtype", e.table_dtype, list(TABLE_DTYPES))
         token_map = compressed_token_map(tokenizer, config.vocab_size) if e.compress_tokens else None
         pad_id = config.eos_token_id if isinstance(config.eos_token_id, int) else 0
         for i in _check_layers("engram.layers", e.layers, num_layers):
-            model.layers[i].engram = Engram(
-                dim, i, orders=tuple(e.orders), heads_per_order=e.heads_per_order, dim_per_order=e.dim_per_order,
+            model.wrap(i).engram = _construct(
+                "engram", Engram, dim, i, orders=tuple(e.orders), heads_per_order=e.heads_per_order, dim_per_order=e.dim_per_order,
                 table_rows=e.table_rows, conv_kernel=e.conv_kernel, seed=cfg.seed, pad_id=pad_id,
                 token_map=token_map, table_dtype=TABLE_DTYPES[e.table_dtype], sparse_grad=e.sparse_grad)
     if "peer" in modules:
         p = cfg.peer
         check_choice("peer.table_dtype", p.table_dtype, list(TABLE_DTYPES))
         for i in _check_layers("peer.layers", p.layers, num_layers):
-            model.layers[i].peer = PEER(
-                dim, p.num_experts, heads=p.heads, top_k=p.top_k, key_dim=p.key_dim, gate=p.gate,
+            model.wrap(i).peer = _construct(
+                "peer", PEER, dim, p.num_experts, heads=p.heads, top_k=p.top_k, key_dim=p.key_dim, gate=p.gate,
                 query_batchnorm=p.query_batchnorm, input_norm=p.input_norm,
                 table_dtype=TABLE_DTYPES[p.table_dtype], sparse_grad=p.sparse_grad)
     if "mhc" in modules:
         m = cfg.mhc
         for i in _check_layers("mhc.layers", m.layers, num_layers):
-            model.layers[i].mhc = (
-                HyperConnection(dim, m.streams, sinkhorn_iters=m.sinkhorn_iters, alpha_init=m.alpha_init,
-                                post_bias=m.post_bias, res_diag_bias=m.res_diag_bias)
-                if use_streams else GatedResidualAdapter(dim, m.adapter_bottleneck))
+            model.wrap(i).mhc = (
+                _construct("mhc", HyperConnection, dim, m.streams, sinkhorn_iters=m.sinkhorn_iters,
+                           alpha_init=m.alpha_init, post_bias=m.post_bias, res_diag_bias=m.res_diag_bias)
+                if use_streams else _construct("mhc", GatedResidualAdapter, dim, m.adapter_bottleneck))
     return model
 
 

@@ -2,31 +2,29 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import lightning as L
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from tsparse.augment import param_groups
 from tsparse.optim import SparseAwareAdamW, grad_norm_and_clip_
 
 
 class CausalLMModule(L.LightningModule):
-    """Trains the parameter groups given by `param_groups` (name -> params) on packed token blocks.
+    """Trains the named parameter groups (engram, peer, mhc, base; see `augment.param_groups`) on
+    packed token blocks. `optim["base"]` says how the base is trained (frozen, finetune, lora).
 
     `tokens_per_word` maps a split to its token/word ratio so that word-level perplexity (comparable
     across tokenizers) is logged next to token-level perplexity.
     """
 
-    def __init__(self, model: nn.Module, param_groups: Callable[[nn.Module], dict[str, list[nn.Parameter]]],
-                 optim: dict, tokens_per_word: dict[str, float] | None = None):
+    def __init__(self, model: nn.Module, optim: dict, tokens_per_word: dict[str, float] | None = None):
         super().__init__()
         self.model = model
-        self.param_groups_fn = param_groups
         self.optim_cfg = dict(optim)
         self.tokens_per_word = dict(tokens_per_word or {})
-        self.save_hyperparameters(ignore=["model", "param_groups"])
+        self.save_hyperparameters(ignore=["model"])
         self.val_nll, self.test_nll = MeanMetric(), MeanMetric()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -65,10 +63,12 @@ class CausalLMModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_perplexities(self.test_nll, "test", "test")
 
+    def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
+        return param_groups(self.model, self.optim_cfg["base"])
+
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        groups = [{"name": name, "params": params}
-                  for name, params in self.param_groups_fn(self.model).items() if params]
+        groups = [{"name": name, "params": params} for name, params in self.trainable_groups().items() if params]
         return SparseAwareAdamW(groups, lr=cfg.get("lr", 1e-3), betas=cfg["betas"], eps=cfg["eps"],
                                 weight_decay=cfg["weight_decay"], table_lr_scale=cfg.get("table_lr_scale", 1.0))
 

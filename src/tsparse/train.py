@@ -18,13 +18,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tsparse.augment import augment, param_groups, params_by_group
+from tsparse.augment import params_by_group
+from tsparse.build import build_datamodule, build_model
 from tsparse.callbacks import PhaseLRCallback, TokenThroughput, parse_phases
 from tsparse.config import ConfigError, config_dir, to_container, validate
-from tsparse.data import WikiText2DataModule
 from tsparse.hub import HubUnreachableError
 from tsparse.lit_module import CausalLMModule
-from tsparse.models import load_base
 
 log = logging.getLogger("tsparse")
 
@@ -100,29 +99,17 @@ def run(cfg: DictConfig) -> dict:
     ckpt_path = resolve_ckpt_path(cfg, Path(cfg.paths.ckpt_dir)) if cfg.train else None
     L.seed_everything(cfg.seed, workers=True)
 
-    data_kwargs = {k: v for k, v in to_container(cfg.data).items() if k != "source"}
-    datamodule = WikiText2DataModule(None, source=cfg.data.source, seed=cfg.seed, **data_kwargs)
-    lm, tokenizer = load_base(cfg.model, lambda: datamodule.texts["train"])
-    max_context = getattr(lm.config, "max_position_embeddings", None)
-    if max_context and cfg.data.block_size > max_context:
-        raise ConfigError(f"data.block_size={cfg.data.block_size} exceeds the model context ({max_context})")
-    datamodule.tokenizer = tokenizer
+    datamodule = build_datamodule(cfg)
+    model, tokenizer = build_model(cfg, datamodule)
     datamodule.setup()
-
-    model = augment(lm, cfg, tokenizer)
-    if cfg.optim.base == "lora":
-        from tsparse.lora import add_lora
-
-        add_lora(model, cfg.optim.lora_rank)
-    groups = param_groups(model, cfg.optim.base)
-    log.info("trainable params: %s", {k: sum(p.numel() for p in v) for k, v in groups.items()})
-    module = CausalLMModule(model, lambda m: param_groups(m, cfg.optim.base), to_container(cfg.optim),
+    module = CausalLMModule(model, to_container(cfg.optim),
                             tokens_per_word={s: datamodule.tokens_per_word(s) for s in ("validation", "test")})
+    log.info("trainable params: %s", {k: sum(p.numel() for p in v) for k, v in module.trainable_groups().items()})
 
-    throughput = TokenThroughput(window=cfg.trainer.log_every_n_steps)
-    callbacks = [instantiate(c) for name, c in (cfg.get("callbacks") or {}).items() if name != "throughput"]
-    callbacks += [throughput, PhaseLRCallback(phases, cfg.optim.schedule, cfg.optim.warmup_steps,
-                                               cfg.strategy.get("reset_optimizer", False))]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks.append(PhaseLRCallback(phases, cfg.optim.schedule, cfg.optim.warmup_steps,
+                                     cfg.strategy.get("reset_optimizer", False)))
+    throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg, run_dir))
 
     start = time.perf_counter()
@@ -134,7 +121,7 @@ def run(cfg: DictConfig) -> dict:
     if cfg.test:
         trainer.test(module, datamodule=datamodule)
         results.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
-    results.update(wall_seconds=time.perf_counter() - start, train_tokens_per_sec=throughput.average,
+    results.update(wall_seconds=time.perf_counter() - start, train_tokens_per_sec=throughput.average if throughput else None,
                    global_step=trainer.global_step,
                    params={k: sum(p.numel() for _, p in v) for k, v in params_by_group(model).items()})
     if cfg.export_dir and trainer.is_global_zero:

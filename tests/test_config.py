@@ -1,0 +1,66 @@
+"""Every config file composes; bad values fail with one clear line."""
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from tsparse.config import ConfigError, config_dir, validate
+
+from conftest import compose_cfg, nano_overrides, run_cli
+
+CONF = config_dir()
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "paths"))
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_config_file_composes(group, option, tmp_path):
+    key = f"+experiment={option}" if group == "experiment" else f"{group}={option}"
+    cfg = compose_cfg(nano_overrides(tmp_path, tmp_path, key))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["model"]["kind"] in ("micro", "pretrained")
+    if group != "model":
+        validate(cfg)
+
+
+def test_train_yaml_has_no_experiment_default():
+    assert "experiment" not in (CONF / "train.yaml").read_text().split("defaults:")[1].split("\n\n")[0]
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("optim.base=bogus", "optim.base='bogus' is not allowed; choose one of ['frozen', 'finetune', 'lora']"),
+    ("optim.schedule=linear", "optim.schedule='linear' is not allowed"),
+    ("data.block_size=0", "data.block_size=0 must be a positive number"),
+    ("trainer.max_steps=-5", "trainer.max_steps=-5 must be a positive number"),
+])
+def test_bad_values_name_the_key(override, needle, tmp_path):
+    with pytest.raises(ConfigError, match=None) as err:
+        validate(compose_cfg(nano_overrides(tmp_path, tmp_path, override)))
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_group_option_lists_choices(tmp_path):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg(nano_overrides(tmp_path, tmp_path, "sparse=quadruple"))
+    assert "sparse" in str(err.value)
+
+
+def test_cli_bad_value_is_one_line_and_writes_nothing(tmp_path):
+    result = run_cli("tsparse.train", "model=nano", "optim.base=bogus", f"hydra.run.dir={tmp_path / 'run'}",
+                     "logger=csv")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: optim.base='bogus' is not allowed; choose one of ['frozen', 'finetune', 'lora']")
+    assert not list((tmp_path / "run").glob("**/*.ckpt"))
+
+
+def test_cli_unknown_experiment_lists_choices(tmp_path):
+    result = run_cli("tsparse.train", "+experiment=nope", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode != 0
+    assert "Could not find 'experiment/nope'" in result.stderr
+    assert "pretrain_micro" in result.stderr  # the available options are listed

@@ -42,7 +42,8 @@ def run_name(prefix: str, override_dirname: str) -> str:
 
 
 def register_resolvers() -> None:
-    for name, fn in (("tsparse_root", project_root), ("tsparse_run_name", run_name)):
+    resolvers = (("tsparse_root", project_root), ("tsparse_run_name", run_name), ("tsparse_div", lambda a, b: int(a) // int(b)))
+    for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

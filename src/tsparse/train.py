@@ -106,9 +106,10 @@ def run(cfg: DictConfig) -> dict:
                             tokens_per_word={s: datamodule.tokens_per_word(s) for s in ("validation", "test")})
     log.info("trainable params: %s", {k: sum(p.numel() for p in v) for k, v in module.trainable_groups().items()})
 
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    callbacks.append(PhaseLRCallback(phases, cfg.optim.schedule, cfg.optim.warmup_steps,
-                                     cfg.strategy.get("reset_optimizer", False)))
+    # The phase callback goes first so that LR monitors see this step's LRs.
+    callbacks = [PhaseLRCallback(phases, cfg.optim.schedule, cfg.optim.warmup_steps,
+                                 cfg.strategy.get("reset_optimizer", False))]
+    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg, run_dir))
 

@@ -1,0 +1,59 @@
+"""Per-module diagnostics: output RMS ratios, PEER expert usage, Engram gates, mHC H_res distance."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from tsparse.augment import AugmentedDecoderLayer
+from tsparse.modules.peer import PEER
+
+
+def tracked_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """`{kind}.L{layer}` -> module, for every sparse module attached to an `AugmentedCausalLM`."""
+    found = {}
+    for index, layer in enumerate(getattr(model, "layers", [])):
+        if isinstance(layer, AugmentedDecoderLayer):
+            for kind in ("engram", "peer", "mhc"):
+                module = getattr(layer, kind, None)
+                if hasattr(module, "track_stats"):
+                    found[f"{kind}.L{index}"] = module
+    return found
+
+
+class ModuleStats(L.Callback):
+    """Every `every_n_steps` training steps, record the modules' stats for one batch and log them as
+    `stats/{kind}.L{layer}/{name}`, plus `stats/engram_to_peer_rms` (the seed's "Engram crowds out
+    PEER" ratio). PEER usage (share of experts hit, normalised usage entropy) accumulates over the
+    sampled batches and is logged and reset at each validation."""
+
+    def __init__(self, every_n_steps: int = 50):
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        active = trainer.global_step % self.every_n_steps == 0
+        for module in tracked_modules(pl_module.model).values():
+            module.track_stats = active
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        ratios: dict[str, list[float]] = {"engram": [], "peer": []}
+        for name, module in tracked_modules(pl_module.model).items():
+            if not module.track_stats:
+                continue
+            module.track_stats = False
+            for key, value in getattr(module, "stats", {}).items():
+                pl_module.log(f"stats/{name}/{key}", float(value), on_step=True, on_epoch=False)
+            kind = name.split(".")[0]
+            if kind in ratios and "out_rms_ratio" in module.stats:
+                ratios[kind].append(float(module.stats["out_rms_ratio"]))
+        if ratios["engram"] and ratios["peer"]:
+            engram, peer = (sum(v) / len(v) for v in (ratios["engram"], ratios["peer"]))
+            pl_module.log("stats/engram_to_peer_rms", engram / max(peer, 1e-12), on_step=True, on_epoch=False)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        for name, module in tracked_modules(pl_module.model).items():
+            if isinstance(module, PEER) and int(module.usage_counts.sum()) > 0:
+                for key, value in module.usage_summary().items():
+                    pl_module.log(f"stats/{name}/{key}", value)
+                module.reset_usage()

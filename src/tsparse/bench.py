@@ -1,0 +1,216 @@
+"""Efficiency benchmark: params, memory, inference throughput and training-step time vs expert count.
+
+    python -m tsparse.bench bench=micro          # or bench=ci (seconds), bench=tinyllama
+
+Models are built at random init (weights do not affect speed) for the no-PEER baseline and each
+expert count. Inference throughput is the median over `iters` timed forwards after `warmup`; the
+training step (forward, backward, clipping, optimizer step; frozen base) is timed for the
+row-sparse path (row-wise AdaGrad on the tables) and the dense path (dense grads, AdamW).
+Writes bench.csv, bench.json, bench.md and PNG plots into the run directory.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+import torch
+from omegaconf import DictConfig, open_dict
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tsparse.augment import augment, param_groups, params_by_group
+from tsparse.config import ConfigError, config_dir, to_container
+from tsparse.optim import SparseAwareAdamW, grad_norm_and_clip_
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * (1 << 12)
+
+
+def build(cfg: DictConfig, experts: int | None, sparse_grad: bool) -> torch.nn.Module:
+    with open_dict(cfg):
+        cfg.sparse.modules = ["peer"] if experts else []
+        cfg.peer.num_experts = experts or cfg.peer.num_experts
+        cfg.peer.sparse_grad = sparse_grad
+        cfg.peer.table_dtype = cfg.bench.table_dtype
+    torch.manual_seed(cfg.seed)
+    return augment(LlamaForCausalLM(LlamaConfig(**to_container(cfg.model.config))), cfg)
+
+
+def timed(fn, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def spread(times: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median": statistics.median(times), "q1": q[0], "q3": q[2]}
+
+
+def bench_inference(model, ids, cfg) -> dict[str, float]:
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.is_cuda)
+
+    @torch.inference_mode()
+    def forward():
+        with autocast:
+            model(ids)
+
+    s = spread(timed(forward, cfg.bench.warmup, cfg.bench.iters))
+    tokens = ids.numel()
+    return {"infer_tok_s": tokens / s["median"], "infer_tok_s_q1": tokens / s["q3"], "infer_tok_s_q3": tokens / s["q1"]}
+
+
+def bench_train_step(model, ids, cfg) -> dict[str, float]:
+    groups = [{"name": n, "params": p} for n, p in param_groups(model, "frozen").items() if p]
+    optimizer = SparseAwareAdamW(groups, lr=1e-3)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(ids).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
+        loss.backward()
+        grad_norm_and_clip_([p for g in groups for p in g["params"]], 1.0)
+        optimizer.step()
+
+    s = spread(timed(step, cfg.bench.warmup, cfg.bench.iters))
+    tables = [t for m in model.modules() if hasattr(m, "table_parameters") for t in m.table_parameters()]
+    state = sum(v.numel() * v.element_size() for t in tables for v in optimizer.state[t].values()
+                if torch.is_tensor(v))
+    table_bytes = sum(t.numel() * t.element_size() for t in tables)
+    return {"step_s": s["median"], "step_s_q1": s["q1"], "step_s_q3": s["q3"],
+            "table_state_ratio": state / table_bytes if table_bytes else 0.0}
+
+
+def run_bench(cfg: DictConfig, out_dir: Path) -> str:
+    """Benchmark every configuration, write the outputs, return the markdown table."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(0, cfg.model.config.vocab_size, (cfg.bench.batch_size, cfg.bench.seq_len), generator=gen)
+    ids = ids.to(device)
+    rows = []
+    for experts in [None, *cfg.bench.experts]:
+        label = f"peer-{experts}" if experts else "baseline"
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        before = rss_bytes()
+        model = build(cfg, experts, sparse_grad=True).to(device).eval()
+        row = {"config": label, "experts": experts or 0}
+        row.update({f"params_{g}": sum(p.numel() for _, p in v) for g, v in params_by_group(model).items()})
+        row["params_total"] = sum(v for k, v in row.items() if k.startswith("params_"))
+        row.update(bench_inference(model, ids, cfg))
+        row["memory_gb"] = (torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_bytes() - before) / 1e9
+        print(f"[bench] {label}: {row['params_total']:,} params, {row['infer_tok_s']:,.0f} tok/s inference, "
+              f"{row['memory_gb']:.2f} GB", flush=True)
+        for path in cfg.bench.train_paths if experts else []:  # the frozen baseline has nothing to train
+            if path == "dense":
+                del model
+                gc.collect()
+                model = build(cfg, experts, sparse_grad=False).to(device)
+            result = bench_train_step(model.train(), ids, cfg)
+            row.update({f"{path}_{k}": v for k, v in result.items()})
+            print(f"[bench] {label}: {path} training step {result['step_s'] * 1e3:.1f} ms, table optimizer state "
+                  f"{result['table_state_ratio']:.3f}x table memory", flush=True)
+        del model
+        rows.append(row)
+    add_ratios(rows, cfg.bench.train_paths)
+    return write_outputs(rows, cfg, out_dir)
+
+
+def add_ratios(rows: list[dict], train_paths) -> None:
+    baseline, first = rows[0], rows[1] if len(rows) > 1 else rows[0]
+    for row in rows:
+        row["infer_vs_first"] = row["infer_tok_s"] / first["infer_tok_s"]
+        row["infer_vs_baseline"] = row["infer_tok_s"] / baseline["infer_tok_s"]
+        for path in train_paths:
+            if f"{path}_step_s" in row:
+                row[f"{path}_step_vs_first"] = row[f"{path}_step_s"] / first[f"{path}_step_s"]
+
+
+def write_outputs(rows: list[dict], cfg: DictConfig, out_dir: Path) -> str:
+    import csv
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with open(out_dir / "bench.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    meta = {"preset": cfg.bench.name, "device": device, "batch_size": cfg.bench.batch_size,
+            "seq_len": cfg.bench.seq_len, "warmup": cfg.bench.warmup, "iters": cfg.bench.iters,
+            "table_dtype": cfg.bench.table_dtype, "torch": torch.__version__}
+    (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    table = markdown_table(rows, cfg.bench.train_paths, meta)
+    (out_dir / "bench.md").write_text(table)
+    plot(rows, out_dir)
+    return table
+
+
+def markdown_table(rows: list[dict], train_paths, meta: dict) -> str:
+    head = ["config", "params", "memory GB", "infer tok/s (IQR)", "vs first", "vs baseline"]
+    for path in train_paths:
+        head += [f"{path} step ms (IQR)", f"{path} vs first", f"{path} opt state / tables"]
+    lines = [f"Bench `{meta['preset']}` on {meta['device']}, batch {meta['batch_size']} x {meta['seq_len']} tokens, "
+             f"median of {meta['iters']} after {meta['warmup']} warm-up, tables {meta['table_dtype']}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["config"], f"{r['params_total']:,}", f"{r['memory_gb']:.2f}",
+                 f"{r['infer_tok_s']:,.0f} ({r['infer_tok_s_q1']:,.0f}-{r['infer_tok_s_q3']:,.0f})",
+                 f"{r['infer_vs_first']:.3f}", f"{r['infer_vs_baseline']:.3f}"]
+        for path in train_paths:
+            cells += ([f"{r[f'{path}_step_s'] * 1e3:.1f} ({r[f'{path}_step_s_q1'] * 1e3:.1f}-"
+                       f"{r[f'{path}_step_s_q3'] * 1e3:.1f})", f"{r[f'{path}_step_vs_first']:.3f}",
+                       f"{r[f'{path}_table_state_ratio']:.3f}"] if f"{path}_step_s" in r else ["-"] * 3)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    params = [r["params_total"] / 1e6 for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(params, [r["infer_tok_s"] for r in rows], "o-")
+    axes[0].set(xlabel="total params (M)", ylabel="inference tokens/s", title="Throughput vs params")
+    axes[0].set_ylim(bottom=0)
+    axes[1].plot(params, [r["memory_gb"] for r in rows], "o-")
+    axes[1].set(xlabel="total params (M)", ylabel="memory (GB)", title="Memory vs params")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "bench.png", dpi=100)
+    plt.close(fig)
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="bench")
+def main(cfg: DictConfig) -> None:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    try:
+        print(run_bench(cfg, Path(HydraConfig.get().runtime.output_dir)))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Parameter counts per module group, computed on the meta device (nothing is allocated).
+
+    python -m tsparse.params model=tinyllama sparse=peer --experts 16384 65536 262144 589824 802816
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tsparse.augment import augment, params_by_group
+from tsparse.config import ConfigError, config_dir, to_container
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, "run_name=params"])
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
+
+
+def build_on_meta(cfg: DictConfig):
+    """The augmented model with the architecture of `cfg.model.config`, on the meta device."""
+    with torch.device("meta"):
+        return augment(LlamaForCausalLM(LlamaConfig(**to_container(cfg.model.config))), cfg)
+
+
+def count(cfg: DictConfig) -> dict[str, int]:
+    counts = {g: sum(p.numel() for _, p in named) for g, named in params_by_group(build_on_meta(cfg)).items()}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m tsparse.params", description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tinyllama sparse=peer")
+    parser.add_argument("--experts", type=int, nargs="+", help="one row per PEER expert count")
+    args = parser.parse_args(argv)
+    try:
+        cfg = compose_config(args.overrides)
+        rows = []
+        for experts in args.experts or [cfg.peer.num_experts]:
+            with open_dict(cfg):
+                cfg.peer.num_experts = experts
+            rows.append({"experts": experts if "peer" in cfg.sparse.modules else None, **count(cfg)})
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    groups = ["base", "engram", "peer", "mhc", "total"]
+    print("| experts | " + " | ".join(groups) + " |")
+    print("|---:|" + "---:|" * len(groups))
+    for row in rows:
+        print(f"| {row['experts'] or '-'} | " + " | ".join(f"{row[g]:,}" for g in groups) + " |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

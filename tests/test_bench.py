@@ -1,0 +1,46 @@
+"""Benchmark (ci preset) and meta-device parameter counts."""
+import csv
+import json
+
+import matplotlib.image as mpimg
+import pytest
+from hydra import compose, initialize_config_dir
+
+from tsparse.bench import run_bench
+from tsparse.config import config_dir
+from tsparse.modules.peer import PEER
+from tsparse.params import main as params_main
+
+
+def test_bench_ci_writes_sane_outputs(tmp_path):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("bench", overrides=["bench=ci", "bench.iters=3", "bench.warmup=1"])
+    table = run_bench(cfg, tmp_path)
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [r["config"] for r in rows] == ["baseline", "peer-256", "peer-1024", "peer-4096"]
+    base = rows[0]["params_total"]
+    for r in rows[1:]:
+        expected = 2 * PEER.param_count(64, r["experts"], heads=4, key_dim=64)  # nano: d=64, PEER on 2 layers
+        assert r["params_peer"] == expected and r["params_total"] == base + expected
+        assert r["infer_tok_s"] > 0 and r["sparse_step_s"] > 0 and r["dense_step_s"] > 0
+        assert r["sparse_table_state_ratio"] <= 1.25 and r["dense_table_state_ratio"] == pytest.approx(2.0)
+    assert rows[1]["infer_vs_first"] == 1.0 and rows[0]["infer_vs_baseline"] == 1.0
+    with open(tmp_path / "bench.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert table.count("\n| peer-") == 3 and (tmp_path / "bench.md").read_text() == table
+    image = mpimg.imread(tmp_path / "bench.png")
+    assert image.shape[0] == 400 and image.shape[1] == 1000
+
+
+def test_params_cli_reproduces_the_seed_table(capsys):
+    rows = params_main(["model=tinyllama", "sparse=peer", "--experts", "16384", "65536", "262144", "589824", "802816"])
+    assert [r["total"] for r in rows] == [1_236_494_336, 1_639_278_592, 3_250_153_472, 5_934_770_176, 7_679_731_712]
+    assert all(r["base"] == 1_100_048_384 for r in rows)
+    assert "| 802816 |" in capsys.readouterr().out
+
+
+def test_params_cli_rejects_non_square_experts(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        params_main(["model=tinyllama", "sparse=peer", "--experts", "1000"])
+    assert exit_info.value.code == 2
+    assert "peer.num_experts=1000 must be a positive perfect square" in capsys.readouterr().err

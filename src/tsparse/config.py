@@ -72,6 +72,7 @@ def validate(cfg: DictConfig) -> None:
     check_choice("optim.base", cfg.optim.base, ["frozen", "finetune", "lora"])
     check_choice("optim.table_optimizer", cfg.optim.table_optimizer, ["rowwise_adagrad", "adamw"])
     check_choice("optim.schedule", cfg.optim.schedule, ["constant", "cosine"])
+    check_choice("optim.on_non_finite", cfg.optim.on_non_finite, ["stop", "skip"])
     check_positive("optim.grad_clip", cfg.optim.grad_clip, allow_zero=True)
     check_positive("optim.warmup_steps", cfg.optim.warmup_steps, allow_zero=True)
     check_positive("trainer.max_steps", cfg.trainer.max_steps)

@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import math
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
 from tsparse.augment import param_groups
 from tsparse.optim import SparseAwareAdamW, grad_norm_and_clip_
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient under `optim.on_non_finite=stop`."""
 
 
 class CausalLMModule(L.LightningModule):
@@ -26,6 +31,7 @@ class CausalLMModule(L.LightningModule):
         self.tokens_per_word = dict(tokens_per_word or {})
         self.save_hyperparameters(ignore=["model"])
         self.val_nll, self.test_nll = MeanMetric(), MeanMetric()
+        self.skipped_steps = 0
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids).logits
@@ -35,10 +41,23 @@ class CausalLMModule(L.LightningModule):
         logits = self(input_ids)[:, :-1].float()
         return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), input_ids[:, 1:].reshape(-1))
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         loss = self.loss(batch)
+        if not torch.isfinite(loss):
+            self._non_finite(f"loss ({loss.item()})")
+            return None  # Lightning skips backward and the optimizer step
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def _non_finite(self, what: str) -> None:
+        """Stop (default) or skip the step, per `optim.on_non_finite`; nothing poisoned is ever stepped."""
+        message = f"non-finite {what} at step {self.global_step}"
+        if self.optim_cfg.get("on_non_finite", "stop") == "stop":
+            raise NonFiniteError(f"{message}; stopped before the optimizer step, no checkpoint written "
+                                 "(optim.on_non_finite=skip skips such steps instead)")
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        rank_zero_warn(f"{message}: step skipped")
 
     def _eval_step(self, batch: torch.Tensor, metric: MeanMetric, split: str) -> None:
         loss = self.loss(batch)
@@ -76,4 +95,10 @@ class CausalLMModule(L.LightningModule):
         """Sparse-aware global-norm clipping (torch's clip_grad_norm_ rejects sparse grads)."""
         params = [p for g in optimizer.param_groups for p in g["params"]]
         norm = grad_norm_and_clip_(params, self.optim_cfg["grad_clip"])
+        if not torch.isfinite(norm):
+            bad = sorted({g["name"] for g in optimizer.param_groups for p in g["params"] if p.grad is not None
+                          and not torch.isfinite(p.grad.coalesce().values() if p.grad.is_sparse else p.grad).all()})
+            self._non_finite(f"gradient in param groups {bad}")
+            optimizer.zero_grad(set_to_none=True)  # the step then leaves every parameter untouched
+            return
         self.log("train/grad_norm", norm)

@@ -23,7 +23,7 @@ from tsparse.build import build_datamodule, build_model
 from tsparse.callbacks import PhaseLRCallback, TokenThroughput, parse_phases
 from tsparse.config import ConfigError, config_dir, to_container, validate
 from tsparse.hub import HubUnreachableError
-from tsparse.lit_module import CausalLMModule
+from tsparse.lit_module import CausalLMModule, NonFiniteError
 
 log = logging.getLogger("tsparse")
 
@@ -145,6 +145,9 @@ def main(cfg: DictConfig) -> float | None:
     except (ConfigError, HubUnreachableError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(3) from None
     return results.get("val/loss")
 
 

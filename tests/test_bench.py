@@ -17,7 +17,9 @@ def test_bench_ci_writes_sane_outputs(tmp_path):
         cfg = compose("bench", overrides=["bench=ci", "bench.iters=3", "bench.warmup=1"])
     table = run_bench(cfg, tmp_path)
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
-    assert [r["config"] for r in rows] == ["baseline", "peer-256", "peer-1024", "peer-4096"]
+    assert [r["config"] for r in rows] == ["baseline", "peer-256", "peer-1024", "peer-4096", "engram+peer+mhc"]
+    assert rows[-1]["params_engram"] > 0 and rows[-1]["params_mhc"] > 0 and "sparse_step_s" not in rows[-1]
+    rows = rows[:4]
     base = rows[0]["params_total"]
     for r in rows[1:]:
         expected = 2 * PEER.param_count(64, r["experts"], heads=4, key_dim=64)  # nano: d=64, PEER on 2 layers
@@ -26,7 +28,7 @@ def test_bench_ci_writes_sane_outputs(tmp_path):
         assert r["sparse_table_state_ratio"] <= 1.25 and r["dense_table_state_ratio"] == pytest.approx(2.0)
     assert rows[1]["infer_vs_first"] == 1.0 and rows[0]["infer_vs_baseline"] == 1.0
     with open(tmp_path / "bench.csv") as f:
-        assert len(list(csv.DictReader(f))) == 4
+        assert len(list(csv.DictReader(f))) == 5
     assert table.count("\n| peer-") == 3 and (tmp_path / "bench.md").read_text() == table
     image = mpimg.imread(tmp_path / "bench.png")
     assert image.shape[0] == 400 and image.shape[1] == 1000

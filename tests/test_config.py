@@ -10,7 +10,7 @@ from tsparse.config import ConfigError, config_dir, validate
 from conftest import compose_cfg, nano_overrides, run_cli
 
 CONF = config_dir()
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "paths"))
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "paths", "bench"))
 
 
 def options(group: str) -> list[str]:
@@ -25,6 +25,15 @@ def test_every_config_file_composes(group, option, tmp_path):
     assert resolved["model"]["kind"] in ("micro", "pretrained")
     if group != "model":
         validate(cfg)
+
+
+@pytest.mark.parametrize("option", options("bench"))
+def test_every_bench_preset_composes(option):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("bench", overrides=[f"bench={option}"])
+    assert cfg.bench.name == option and cfg.bench.experts and cfg.model.config.hidden_size > 0
 
 
 def test_train_yaml_has_no_experiment_default():

@@ -2,8 +2,8 @@
 
     python -m tsparse.bench bench=micro          # or bench=ci (seconds), bench=tinyllama
 
-Models are built at random init (weights do not affect speed) for the no-PEER baseline and each
-expert count. Inference throughput is the median over `iters` timed forwards after `warmup`; the
+Models are built at random init (weights do not affect speed) for the no-PEER baseline, each
+expert count, and each extra module set (`bench.module_sets`, inference only: per-module overhead). Inference throughput is the median over `iters` timed forwards after `warmup`; the
 training step (forward, backward, clipping, optimizer step; frozen base) is timed for the
 row-sparse path (row-wise AdaGrad on the tables) and the dense path (dense grads, AdamW).
 Writes bench.csv, bench.json, bench.md and PNG plots into the run directory.
@@ -33,10 +33,10 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * (1 << 12)
 
 
-def build(cfg: DictConfig, experts: int | None, sparse_grad: bool) -> torch.nn.Module:
+def build(cfg: DictConfig, modules: list[str], experts: int, sparse_grad: bool) -> torch.nn.Module:
     with open_dict(cfg):
-        cfg.sparse.modules = ["peer"] if experts else []
-        cfg.peer.num_experts = experts or cfg.peer.num_experts
+        cfg.sparse.modules = modules
+        cfg.peer.num_experts = experts
         cfg.peer.sparse_grad = sparse_grad
         cfg.peer.table_dtype = cfg.bench.table_dtype
     torch.manual_seed(cfg.seed)
@@ -103,26 +103,29 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> str:
     gen = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(0, cfg.model.config.vocab_size, (cfg.bench.batch_size, cfg.bench.seq_len), generator=gen)
     ids = ids.to(device)
+    # (label, modules, experts): the baseline, PEER at each expert count, then other module sets.
+    specs = [("baseline", [], cfg.peer.num_experts)]
+    specs += [(f"peer-{n}", ["peer"], n) for n in cfg.bench.experts]
+    specs += [("+".join(m), list(m), cfg.peer.num_experts) for m in cfg.bench.module_sets]
     rows = []
-    for experts in [None, *cfg.bench.experts]:
-        label = f"peer-{experts}" if experts else "baseline"
+    for label, modules, experts in specs:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         before = rss_bytes()
-        model = build(cfg, experts, sparse_grad=True).to(device).eval()
-        row = {"config": label, "experts": experts or 0}
+        model = build(cfg, modules, experts, sparse_grad=True).to(device).eval()
+        row = {"config": label, "experts": experts if "peer" in modules else 0}
         row.update({f"params_{g}": sum(p.numel() for _, p in v) for g, v in params_by_group(model).items()})
         row["params_total"] = sum(v for k, v in row.items() if k.startswith("params_"))
         row.update(bench_inference(model, ids, cfg))
         row["memory_gb"] = (torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_bytes() - before) / 1e9
         print(f"[bench] {label}: {row['params_total']:,} params, {row['infer_tok_s']:,.0f} tok/s inference, "
               f"{row['memory_gb']:.2f} GB", flush=True)
-        for path in cfg.bench.train_paths if experts else []:  # the frozen baseline has nothing to train
+        for path in cfg.bench.train_paths if label.startswith("peer-") else []:
             if path == "dense":
                 del model
                 gc.collect()
-                model = build(cfg, experts, sparse_grad=False).to(device)
+                model = build(cfg, modules, experts, sparse_grad=False).to(device)
             result = bench_train_step(model.train(), ids, cfg)
             row.update({f"{path}_{k}": v for k, v in result.items()})
             print(f"[bench] {label}: {path} training step {result['step_s'] * 1e3:.1f} ms, table optimizer state "

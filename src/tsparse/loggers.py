@@ -1,11 +1,23 @@
-"""A CSV logger that survives resumes: Lightning's deletes metrics.csv when its folder exists."""
+"""Logger helpers: W&B offline without an API key, and a CSV logger that survives resumes."""
 from __future__ import annotations
 
 import csv
+import netrc
 import os
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+
+def use_wandb_offline_without_key() -> None:
+    """Run W&B offline (never prompting) unless an API key is configured or WANDB_MODE is set."""
+    try:
+        has_key = bool(os.environ.get("WANDB_API_KEY")) or netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        has_key = False
+    if not has_key:
+        os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -23,6 +35,8 @@ class _AppendingWriter(ExperimentWriter):
 
 
 class ResumableCSVLogger(CSVLogger):
+    """Lightning's CSVLogger deletes an existing metrics.csv; this one appends to it."""
+
     @property
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import netrc
 import os
 import shutil
 import sys
@@ -23,18 +22,10 @@ from tsparse.build import build_datamodule, build_model
 from tsparse.callbacks import PhaseLRCallback, TokenThroughput, parse_phases
 from tsparse.config import ConfigError, config_dir, to_container, validate
 from tsparse.hub import HubUnreachableError
+from tsparse.loggers import use_wandb_offline_without_key
 from tsparse.lit_module import CausalLMModule, NonFiniteError
 
 log = logging.getLogger("tsparse")
-
-
-def wandb_key_available() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -42,9 +33,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     loggers = []
     for name, node in (cfg.get("logger") or {}).items():
         if name == "wandb":
-            if not wandb_key_available():
-                os.environ.setdefault("WANDB_MODE", "offline")
-            os.environ.setdefault("WANDB_SILENT", "true")
+            use_wandb_offline_without_key()
             id_file = run_dir / "wandb_id.txt"
             if not id_file.is_file():
                 id_file.write_text(uuid.uuid4().hex[:12])

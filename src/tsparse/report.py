@@ -1,0 +1,263 @@
+"""Seed-grouped results table and training plots for a set of run directories.
+
+    python -m tsparse.report PATH... [--out DIR]
+
+Every directory under a PATH that holds results.json and config.yaml is a run. Runs whose
+`run_name` differs only by a `seed=N` part form a group (a run without `run_name` falls into the
+group of its experiment). Each metric is the mean ± sample standard deviation over the group's
+seeds; a single seed is marked "(n=1)", with no std. Δ test ppl compares group means with the
+`baseline` and `finetune_control` experiments (pooled over all their runs). Trainable params count
+the engram, peer and mhc groups, plus the whole base unless `optim.base=frozen` (under `lora` that
+overcounts: results.json does not split the adapters from the base).
+
+Writes report.md, report.csv, loss_curves.png (train/loss per group, mean over seeds) and
+lr_schedule.png (LR per param group, one subplot per group, from its lowest seed) into --out
+(default: the first PATH), and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import statistics
+import sys
+import textwrap
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from omegaconf import DictConfig, OmegaConf
+
+from tsparse.augment import MODULE_TYPES
+from tsparse.config import ConfigError
+
+REFERENCES = ("baseline", "finetune_control")
+METRICS = {"val_ppl": "val/ppl", "test_ppl": "test/ppl", "test_word_ppl": "test/word_ppl"}
+SEED_PART = re.compile(r"seed=\d+")
+
+
+def group_name(run_name: str | None, experiment: str) -> str:
+    """`run_name` without its `seed=N` part; the experiment name when nothing is left."""
+    parts = [p for p in (run_name or "").split(",") if not SEED_PART.fullmatch(p)]
+    return ",".join(parts) or experiment
+
+
+def read_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
+    """csv/metrics.csv merged per step: the last value of each (step, column) wins, since a resumed
+    run appends rows for steps it logs again."""
+    path = run_dir / "csv" / "metrics.csv"
+    merged: dict[int, dict[str, float]] = {}
+    if not path.is_file():
+        return merged
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("step"):
+                values = {k: float(v) for k, v in row.items() if k not in (None, "step") and v}
+                merged.setdefault(int(row["step"]), {}).update(values)
+    return merged
+
+
+@dataclass
+class Run:
+    path: Path
+    cfg: DictConfig
+    results: dict = field(repr=False)
+
+    @classmethod
+    def load(cls, path: Path) -> Run:
+        return cls(path, OmegaConf.load(path / "config.yaml"), json.loads((path / "results.json").read_text()))
+
+    @property
+    def experiment(self) -> str:
+        return str(self.cfg.get("experiment_name") or self.path.name)
+
+    @property
+    def group(self) -> str:
+        return group_name(self.cfg.get("run_name"), self.experiment)
+
+    @property
+    def seed(self) -> int:
+        return int(self.cfg.get("seed", 0))
+
+    @property
+    def total_params(self) -> int:
+        return sum(self.results.get("params", {}).values())
+
+    @property
+    def trainable_params(self) -> int:
+        params = self.results.get("params", {})
+        trainable = [*MODULE_TYPES, *(["base"] if OmegaConf.select(self.cfg, "optim.base") != "frozen" else [])]
+        return sum(params.get(group, 0) for group in trainable)
+
+    @cached_property
+    def metrics(self) -> dict[int, dict[str, float]]:
+        return read_metrics(self.path)
+
+
+def find_runs(paths: list[Path]) -> list[Run]:
+    """Every run directory at or below `paths`, in path order."""
+    found = {results.parent for root in paths for results in root.rglob("results.json")
+             if (results.parent / "config.yaml").is_file()}
+    return [Run.load(path) for path in sorted(found)]
+
+
+def group_runs(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
+    """(experiment, group) -> its runs by seed; reference experiments first, then by group name."""
+    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[(run.experiment, run.group)].append(run)
+
+    def order(key: tuple[str, str]):
+        experiment, name = key
+        return (REFERENCES.index(experiment) if experiment in REFERENCES else len(REFERENCES), name)
+
+    return {key: sorted(groups[key], key=lambda r: r.seed) for key in sorted(groups, key=order)}
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample std (None for fewer than two values)."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def logged_values(runs: list[Run], key: str) -> list[float]:
+    """results[key] of the runs that report it as non-zero (a run that did not train reports 0 tokens/s)."""
+    return [r.results[key] for r in runs if r.results.get(key)]
+
+
+def summarize(groups: dict[tuple[str, str], list[Run]]) -> list[dict]:
+    """One row of numbers per group (the columns of report.csv)."""
+    rows = []
+    for (experiment, name), runs in groups.items():
+        row = {"group": name, "experiment": experiment, "n_seeds": len(runs),
+               "seeds": " ".join(str(r.seed) for r in runs),
+               "total_params": runs[0].total_params, "trainable_params": runs[0].trainable_params}
+        for column, key in METRICS.items():
+            values = logged_values(runs, key)
+            row[f"{column}_mean"], row[f"{column}_std"] = mean_std(values)
+            row[f"{column}_n"] = len(values)
+        row["tokens_per_sec"] = mean_std(logged_values(runs, "train_tokens_per_sec"))[0]
+        rows.append(row)
+    for reference in REFERENCES:
+        pooled = [r for (experiment, _), runs in groups.items() if experiment == reference for r in runs]
+        reference_ppl = mean_std(logged_values(pooled, "test/ppl"))[0]
+        for row in rows:
+            ppl = row["test_ppl_mean"]
+            row[f"delta_test_ppl_vs_{reference}_pct"] = (
+                None if ppl is None or reference_ppl is None else 100.0 * (ppl / reference_ppl - 1.0))
+    return rows
+
+
+def _mean_std_cell(row: dict, column: str) -> str:
+    mean, std, n = row[f"{column}_mean"], row[f"{column}_std"], row[f"{column}_n"]
+    if mean is None:
+        return "-"
+    return f"{mean:,.2f} ± {std:,.2f}" if n > 1 else f"{mean:,.2f} (n=1)"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = ["group", "experiment", "#seeds", "total params", "trainable params", "val ppl", "test ppl",
+              "test word ppl", *(f"Δ test ppl vs {r}" for r in REFERENCES), "tokens/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    for row in rows:
+        deltas = [row[f"delta_test_ppl_vs_{r}_pct"] for r in REFERENCES]
+        cells = [f"`{row['group']}`", row["experiment"], str(row["n_seeds"]), f"{row['total_params']:,}",
+                 f"{row['trainable_params']:,}", *(_mean_std_cell(row, c) for c in METRICS),
+                 *("-" if d is None else f"{d:+.2f}%" for d in deltas),
+                 "-" if row["tokens_per_sec"] is None else f"{row['tokens_per_sec']:,.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def mean_curve(runs: list[Run], column: str) -> tuple[list[int], list[float]]:
+    """(steps, mean over runs) of a metrics.csv column, at every step where some run logged it."""
+    per_step: dict[int, list[float]] = defaultdict(list)
+    for run in runs:
+        for step, values in run.metrics.items():
+            if column in values:
+                per_step[step].append(values[column])
+    steps = sorted(per_step)
+    return steps, [statistics.fmean(per_step[s]) for s in steps]
+
+
+def plot_loss_curves(groups: dict[tuple[str, str], list[Run]], path: Path) -> None:
+    fig = Figure(figsize=(9, 5.5), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    for (_, name), runs in groups.items():
+        steps, losses = mean_curve(runs, "train/loss")
+        if steps:
+            ax.plot(steps, losses, label=f"{name} (n={len(runs)})")
+    if ax.lines:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no train/loss logged", ha="center", va="center", transform=ax.transAxes)
+    ax.set(xlabel="step", ylabel="train/loss (mean over seeds)", title="Training loss")
+    ax.grid(alpha=0.3)
+    fig.savefig(path)
+
+
+def plot_lr_schedules(groups: dict[tuple[str, str], list[Run]], path: Path) -> None:
+    first_runs = {name: runs[0] for (_, name), runs in groups.items()}
+    schedules = {name: sorted({c for values in run.metrics.values() for c in values if c.startswith("lr-")})
+                 for name, run in first_runs.items()}
+    schedules = {name: columns for name, columns in schedules.items() if columns}
+    cols = min(3, max(1, len(schedules)))
+    rows = max(1, math.ceil(len(schedules) / cols))
+    fig = Figure(figsize=(4.5 * cols, 3.5 * rows), dpi=100, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (name, columns) in zip(axes, schedules.items()):
+        for column in columns:
+            ax.plot(*mean_curve([first_runs[name]], column), label=column.split("/")[-1])
+        ax.set_title("\n".join(textwrap.wrap(f"{name} (seed {first_runs[name].seed})", 40)), fontsize="small")
+        ax.set(xlabel="step", ylabel="learning rate")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        ax.legend(fontsize="small")
+    for ax in axes[len(schedules):]:
+        ax.set_axis_off()
+    if not schedules:
+        axes[0].text(0.5, 0.5, "no LR logged", ha="center", va="center")
+    fig.savefig(path)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m tsparse.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="run dirs or folders holding them")
+    parser.add_argument("--out", type=Path, help="output folder (default: the first PATH)")
+    args = parser.parse_args(argv)
+    try:
+        runs = find_runs(args.paths)
+        if not runs:
+            raise ConfigError(f"no run directories (results.json + config.yaml) under {', '.join(map(str, args.paths))}")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    out = args.out or args.paths[0]
+    out.mkdir(parents=True, exist_ok=True)
+    groups = group_runs(runs)
+    rows = summarize(groups)
+    table = markdown_table(rows)
+    (out / "report.md").write_text(
+        f"# Results: {len(runs)} runs in {len(groups)} groups\n\n"
+        "Mean ± sample std over seeds; Δ in % of the reference experiment's mean test ppl.\n\n"
+        f"{table}\n")
+    write_csv(rows, out / "report.csv")
+    plot_loss_curves(groups, out / "loss_curves.png")
+    plot_lr_schedules(groups, out / "lr_schedule.png")
+    print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

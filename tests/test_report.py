@@ -1,0 +1,141 @@
+"""tsparse.report on a real multirun tree: seed grouping, mean/std, deltas vs references, CSV de-duplication, plots."""
+import csv
+import json
+import shutil
+import statistics
+
+import pytest
+import torch
+from matplotlib.image import imread
+
+from tsparse import report
+from tsparse.train import run
+
+from conftest import compose_cfg, nano_overrides
+from test_strategies import SMALL_MODULES
+
+EXPERIMENTS = ("baseline", "finetune_control", "engram")
+SEEDS = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The CI box has 2 contended cores: one torch thread makes these tiny runs several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_run(tmp_path, data_dir, run_dir, *extra):
+    """A 3-step nano run (2 val/test batches) written to `run_dir`."""
+    return run(compose_cfg(nano_overrides(
+        tmp_path, data_dir, *SMALL_MODULES, "trainer.max_steps=3", "trainer.val_check_interval=3",
+        "trainer.log_every_n_steps=1", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+        "+trainer.num_sanity_val_steps=0", f"paths.output_dir='{run_dir}'", *extra)))
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, wikitext_small, one_thread):
+    """outputs/multirun/<experiment>/job,seed=<s> for each experiment and seed, as a multirun writes them."""
+    root = tmp_path_factory.mktemp("outputs")
+    for experiment in EXPERIMENTS:
+        for seed in SEEDS:
+            tiny_run(root, wikitext_small, root / "multirun" / experiment / f"job,seed={seed}",
+                     f"+experiment={experiment}", f"seed={seed}", f"run_name='{experiment},seed={seed}'")
+    return root / "multirun"
+
+
+def results_of(sweep, experiment):
+    return [json.loads((sweep / experiment / f"job,seed={s}" / "results.json").read_text()) for s in SEEDS]
+
+
+def test_group_name_drops_only_the_seed():
+    assert report.group_name("peer,peer=16k,seed=2,trainer.max_steps=5", "peer") == "peer,peer=16k,trainer.max_steps=5"
+    assert report.group_name("peer,seed=10", "peer") == "peer"
+    assert report.group_name(None, "engram") == "engram"
+
+
+def test_report_groups_seeds_and_compares_to_references(sweep, tmp_path, capsys):
+    out = tmp_path / "report"
+    rows = report.main([str(sweep), "--out", str(out)])
+
+    assert [r["group"] for r in rows] == ["baseline", "finetune_control", "engram"]
+    by_group = {r["group"]: r for r in rows}
+    for experiment in EXPERIMENTS:
+        row, results = by_group[experiment], results_of(sweep, experiment)
+        assert row["experiment"] == experiment and row["n_seeds"] == 2 and row["seeds"] == "0 1"
+        for column, key in report.METRICS.items():
+            values = [r[key] for r in results]
+            assert row[f"{column}_mean"] == pytest.approx(statistics.mean(values))
+            assert row[f"{column}_std"] == pytest.approx(statistics.stdev(values))
+        assert row["total_params"] == sum(results[0]["params"].values())
+
+    params = results_of(sweep, "engram")[0]["params"]
+    assert by_group["engram"]["trainable_params"] == params["engram"] > 0
+    assert by_group["finetune_control"]["trainable_params"] == params["base"]
+    assert by_group["baseline"]["trainable_params"] == 0
+    assert by_group["baseline"]["tokens_per_sec"] is None and by_group["engram"]["tokens_per_sec"] > 0
+
+    ppl = {e: by_group[e]["test_ppl_mean"] for e in EXPERIMENTS}
+    for experiment in EXPERIMENTS:
+        for reference in report.REFERENCES:
+            delta = by_group[experiment][f"delta_test_ppl_vs_{reference}_pct"]
+            assert delta == pytest.approx(100 * (ppl[experiment] - ppl[reference]) / ppl[reference])
+            assert (delta > 0) == (ppl[experiment] > ppl[reference])
+    assert by_group["baseline"]["delta_test_ppl_vs_baseline_pct"] == 0.0
+
+    table = (out / "report.md").read_text()
+    data_lines = [line for line in table.splitlines() if line.startswith("| `")]
+    assert len(data_lines) == 3 and all(" ± " in line for line in data_lines)
+    assert "Δ test ppl vs baseline" in table and "Δ test ppl vs finetune_control" in table
+    assert data_lines[0] in capsys.readouterr().out
+
+    with open(out / "report.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    assert [r["group"] for r in written] == [r["group"] for r in rows]
+    assert float(written[2]["test_ppl_mean"]) == pytest.approx(rows[2]["test_ppl_mean"])
+    assert float(written[2]["delta_test_ppl_vs_baseline_pct"]) == pytest.approx(rows[2]["delta_test_ppl_vs_baseline_pct"])
+
+    for name in ("loss_curves.png", "lr_schedule.png"):
+        image = imread(out / name)
+        assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 400
+        assert image[..., :3].std() > 0.01  # something was drawn
+
+
+def test_one_seed_is_reported_as_n_1(sweep, tmp_path):
+    rows = report.main([str(sweep / "engram" / "job,seed=0"), "--out", str(tmp_path)])
+    assert rows[0]["n_seeds"] == 1 and rows[0]["test_ppl_std"] is None
+    assert rows[0]["delta_test_ppl_vs_baseline_pct"] is None
+    line = next(line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| `"))
+    assert "(n=1)" in line and " ± " not in line
+
+
+def test_duplicate_steps_keep_the_last_value(sweep, tmp_path):
+    """A resumed run appends rows for steps it logs again: the report keeps the last value per (step, column)."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(sweep / "engram" / "job,seed=0", resumed, ignore=shutil.ignore_patterns("checkpoints"))
+    metrics = resumed / "csv" / "metrics.csv"
+    with open(metrics, newline="") as f:
+        header = next(csv.reader(f))
+    before = report.read_metrics(resumed)
+    with open(metrics, "a", newline="") as f:
+        csv.DictWriter(f, header).writerow({"step": 1, "train/loss": 123.0})
+    after = report.read_metrics(resumed)
+
+    assert sorted(after) == sorted(before)
+    assert after[1]["train/loss"] == 123.0 and before[1]["train/loss"] != 123.0
+    assert after[1]["lr-SparseAwareAdamW/engram"] == before[1]["lr-SparseAwareAdamW/engram"]
+
+    other = report.Run.load(sweep / "engram" / "job,seed=1")
+    steps, losses = report.mean_curve([report.Run.load(resumed), other], "train/loss")
+    assert steps == sorted(set(steps)) == sorted(s for s, values in other.metrics.items() if "train/loss" in values)
+    assert losses[steps.index(1)] == pytest.approx((123.0 + other.metrics[1]["train/loss"]) / 2)
+
+
+def test_no_runs_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(tmp_path / "empty")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(tmp_path / "empty") in err

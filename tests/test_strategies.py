@@ -1,12 +1,10 @@
 """Phase schedules: exact LRs at boundaries, frozen groups, resume equivalence, every experiment runs."""
-import csv
-from pathlib import Path
-
 import pytest
 import torch
 
 from tsparse.callbacks import PhaseLRCallback, parse_phases
 from tsparse.config import ConfigError
+from tsparse.report import read_metrics
 from tsparse.train import run
 
 from conftest import compose_cfg, nano_overrides
@@ -14,15 +12,6 @@ from test_config import options
 
 SMALL_MODULES = ("peer.num_experts=256", "peer.key_dim=16", "engram.table_rows=1009", "engram.dim_per_order=32",
                  "engram.heads_per_order=2")
-
-
-def rows_by_step(run_dir: Path) -> dict[int, dict[str, float]]:
-    """Merge the CSV rows logged at each step (later rows win, as after a resume)."""
-    merged: dict[int, dict[str, float]] = {}
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        for row in csv.DictReader(f):
-            merged.setdefault(int(row["step"]), {}).update({k: float(v) for k, v in row.items() if v and k != "step"})
-    return merged
 
 
 def triple_overrides(tmp_path, data_dir, *extra):
@@ -35,7 +24,7 @@ def test_diff_lr_phase_boundaries_give_configured_lrs(tmp_path, wikitext_small):
                                        "trainer.val_check_interval=9"))
     assert cfg.strategy.phase_steps == 3
     run(cfg)
-    logged = rows_by_step(tmp_path / "run")
+    logged = read_metrics(tmp_path / "run")
     expected = {0: (1e-3, 1e-5, 1e-3), 3: (1e-5, 1e-3, 1e-4), 6: (5e-4, 5e-4, 5e-4)}
     for phase_start, lrs in expected.items():
         for step in range(phase_start, phase_start + 3):
@@ -105,7 +94,7 @@ def test_resume_mid_phase_matches_uninterrupted_run(tmp_path, wikitext_small):
     split = tmp_path / "split"
     run(compose_cfg(triple_overrides(split, wikitext_small, *common, "trainer.max_steps=6")))  # stops mid-phase 2
     run(compose_cfg(triple_overrides(split, wikitext_small, *common, "trainer.max_steps=12", "ckpt_path=last")))
-    a, b = rows_by_step(full / "run"), rows_by_step(split / "run")
+    a, b = read_metrics(full / "run"), read_metrics(split / "run")
     for step in range(12):
         for key in ("lr-SparseAwareAdamW/engram", "lr-SparseAwareAdamW/peer", "lr-SparseAwareAdamW/mhc"):
             assert a[step][key] == b[step][key]

@@ -118,9 +118,10 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> str:
         row.update({f"params_{g}": sum(p.numel() for _, p in v) for g, v in params_by_group(model).items()})
         row["params_total"] = sum(v for k, v in row.items() if k.startswith("params_"))
         row.update(bench_inference(model, ids, cfg))
+        row["model_gb"] = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 1e9
         row["memory_gb"] = (torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_bytes() - before) / 1e9
-        print(f"[bench] {label}: {row['params_total']:,} params, {row['infer_tok_s']:,.0f} tok/s inference, "
-              f"{row['memory_gb']:.2f} GB", flush=True)
+        print(f"[bench] {label}: {row['params_total']:,} params, {row['model_gb']:.2f} GB of weights, "
+              f"{row['memory_gb']:.2f} GB measured, {row['infer_tok_s']:,.0f} tok/s inference", flush=True)
         for path in cfg.bench.train_paths if label.startswith("peer-") else []:
             if path == "dense":
                 del model
@@ -167,14 +168,16 @@ def write_outputs(rows: list[dict], cfg: DictConfig, out_dir: Path) -> str:
 
 
 def markdown_table(rows: list[dict], train_paths, meta: dict) -> str:
-    head = ["config", "params", "memory GB", "infer tok/s (IQR)", "vs first", "vs baseline"]
+    head = ["config", "params", "weights GB", "measured GB", "infer tok/s (IQR)", "vs first", "vs baseline"]
     for path in train_paths:
         head += [f"{path} step ms (IQR)", f"{path} vs first", f"{path} opt state / tables"]
     lines = [f"Bench `{meta['preset']}` on {meta['device']}, batch {meta['batch_size']} x {meta['seq_len']} tokens, "
-             f"median of {meta['iters']} after {meta['warmup']} warm-up, tables {meta['table_dtype']}.", "",
+             f"median of {meta['iters']} after {meta['warmup']} warm-up, tables {meta['table_dtype']}. "
+             "Measured memory: CUDA peak on GPU; on CPU the RSS delta of building and running the model "
+             "(untouched zero-initialised pages are not resident, so it can be below the weights).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["config"], f"{r['params_total']:,}", f"{r['memory_gb']:.2f}",
+        cells = [r["config"], f"{r['params_total']:,}", f"{r['model_gb']:.2f}", f"{r['memory_gb']:.2f}",
                  f"{r['infer_tok_s']:,.0f} ({r['infer_tok_s_q1']:,.0f}-{r['infer_tok_s_q3']:,.0f})",
                  f"{r['infer_vs_first']:.3f}", f"{r['infer_vs_baseline']:.3f}"]
         for path in train_paths:
@@ -196,7 +199,9 @@ def plot(rows: list[dict], out_dir: Path) -> None:
     axes[0].plot(params, [r["infer_tok_s"] for r in rows], "o-")
     axes[0].set(xlabel="total params (M)", ylabel="inference tokens/s", title="Throughput vs params")
     axes[0].set_ylim(bottom=0)
-    axes[1].plot(params, [r["memory_gb"] for r in rows], "o-")
+    axes[1].plot(params, [r["model_gb"] for r in rows], "o-", label="weights")
+    axes[1].plot(params, [r["memory_gb"] for r in rows], "s--", label="measured")
+    axes[1].legend()
     axes[1].set(xlabel="total params (M)", ylabel="memory (GB)", title="Memory vs params")
     for ax in axes:
         ax.grid(alpha=0.3)

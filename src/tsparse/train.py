@@ -15,6 +15,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from tsparse.augment import params_by_group
@@ -64,6 +65,12 @@ def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
     return str(cfg.ckpt_path)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def export_pretrained(model, tokenizer, target: str | Path) -> None:
     """save_pretrained into a staging dir, then swap it in, so `target` is never half-written."""
     target = Path(target)
@@ -86,6 +93,7 @@ def run(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg, Path(cfg.paths.ckpt_dir)) if cfg.train else None
+    write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_datamodule(cfg)
@@ -120,9 +128,11 @@ def run(cfg: DictConfig) -> dict:
         export_pretrained(model.lm, tokenizer, cfg.export_dir)
         log.info("exported the trained model to %s", cfg.export_dir)
     if trainer.is_global_zero:
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
         log.info("results: %s", json.dumps(results))
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()  # the next multirun job starts its own W&B run
     return results
 
 

@@ -54,6 +54,9 @@ def test_train_order_is_seeded_and_resumable():
     assert sorted(a[:10]) == list(range(10)) and sorted(a[10:20]) == list(range(10))
     resumed = list(itertools.islice(iter(StepIndexedSampler(10, seed=1, start=17)), 18))
     assert resumed == a[17:35]
+    ranks = [list(itertools.islice(iter(StepIndexedSampler(10, seed=1, start=4, rank=r, world_size=2)), 8))
+             for r in (0, 1)]
+    assert ranks[0] == a[4:20:2] and ranks[1] == a[5:20:2]
 
 
 def test_missing_local_folder_names_the_key(tmp_path):

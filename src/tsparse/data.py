@@ -50,17 +50,22 @@ class Blocks(Dataset):
 
 
 class StepIndexedSampler(Sampler[int]):
-    """An endless stream of shuffled epochs, indexed by sample position, so a resumed run continues
-    exactly where it stopped: epoch e is the permutation drawn from seed + e."""
+    """An endless stream of shuffled epochs, indexed by global sample position, so that a resumed run
+    continues exactly where it stopped: epoch e is the permutation drawn from seed + e. Under data
+    parallelism rank r takes positions r, r + world_size, ... of the same global stream."""
 
-    def __init__(self, num_items: int, seed: int, start: int = 0):
-        self.num_items, self.seed, self.start = num_items, seed, start
+    def __init__(self, num_items: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
+        self.num_items, self.seed, self.start, self.rank, self.world_size = num_items, seed, start, rank, world_size
 
     def __iter__(self) -> Iterator[int]:
         epoch, offset = divmod(self.start, self.num_items)
+        position = self.start
         while True:
             perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + epoch))
-            yield from perm[offset:].tolist()
+            for index in perm[offset:].tolist():
+                if position % self.world_size == self.rank:
+                    yield index
+                position += 1
             epoch, offset = epoch + 1, 0
 
 
@@ -103,9 +108,10 @@ class WikiText2DataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         # After a resume the trainer has restored global_step before the loader is built: skip what was seen.
-        start = trainer.global_step * trainer.accumulate_grad_batches * self.batch_size if trainer else 0
-        sampler = StepIndexedSampler(len(self.blocks["train"]), self.seed, start)
+        start = trainer.global_step * trainer.accumulate_grad_batches * self.batch_size * world if trainer else 0
+        sampler = StepIndexedSampler(len(self.blocks["train"]), self.seed, start, rank, world)
         return DataLoader(Blocks(self.blocks["train"]), batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, drop_last=True)
 

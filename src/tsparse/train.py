@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from tsparse.augment import params_by_group
+from tsparse.checkpoint import check_checkpoint, newest_valid_checkpoint
 from tsparse.build import build_datamodule, build_model
 from tsparse.callbacks import PhaseLRCallback, TokenThroughput, parse_phases
 from tsparse.config import ConfigError, config_dir, to_container, validate
@@ -47,7 +48,8 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 
 
 def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
-    """`ckpt_path=last` -> this run dir's last.ckpt; refuse to silently start over on top of checkpoints."""
+    """`ckpt_path=last` -> the newest valid checkpoint of this run dir (last.ckpt unless damaged);
+    refuse to silently start over on top of existing checkpoints."""
     existing = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
     if cfg.ckpt_path is None:
         if existing and not cfg.overwrite:
@@ -57,11 +59,11 @@ def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
             shutil.rmtree(ckpt_dir)
         return None
     if cfg.ckpt_path == "last":
-        if not (ckpt_dir / "last.ckpt").is_file():
-            raise ConfigError(f"ckpt_path=last but {ckpt_dir} holds no last.ckpt; run without ckpt_path first")
-        return str(ckpt_dir / "last.ckpt")
-    if not Path(cfg.ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} is not a file; use null, 'last' or a path to a .ckpt")
+        newest = newest_valid_checkpoint(ckpt_dir) if existing else None
+        if newest is None:
+            raise ConfigError(f"ckpt_path=last but {ckpt_dir} holds no valid checkpoint; run without ckpt_path first")
+        return str(newest)
+    check_checkpoint(cfg.ckpt_path)
     return str(cfg.ckpt_path)
 
 

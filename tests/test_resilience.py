@@ -1,0 +1,80 @@
+"""Crash safety: SIGKILL mid-phase then resume, damaged checkpoints, determinism."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tsparse.checkpoint import check_checkpoint, newest_valid_checkpoint
+from tsparse.config import ConfigError
+from tsparse.report import read_metrics
+from tsparse.train import run
+
+from conftest import REPO, compose_cfg, nano_overrides, run_cli
+from test_strategies import SMALL_MODULES
+
+COMMON = ("sparse=triple", *SMALL_MODULES, "strategy=diff_lr", "strategy.phase_steps=8", "trainer.max_steps=24",
+          "trainer.val_check_interval=4", "callbacks.model_checkpoint.every_n_train_steps=4",
+          "trainer.log_every_n_steps=1", "+logger.csv.flush_logs_every_n_steps=1", "test=false")
+LRS = [f"lr-SparseAwareAdamW/{g}" for g in ("engram", "peer", "mhc")]
+
+
+def cli_args(tmp_path, data_dir, *extra):
+    return [a for a in nano_overrides(tmp_path, data_dir, *COMMON, *extra) if not a.startswith("paths.output_dir")] + [
+        f"hydra.run.dir={tmp_path / 'run'}"]
+
+
+def test_sigkill_mid_phase_then_resume_matches_uninterrupted(tmp_path, wikitext_small):
+    full = run_cli("tsparse.train", *cli_args(tmp_path / "full", wikitext_small))
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    killed_dir = tmp_path / "killed"
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tsparse.train", *cli_args(killed_dir, wikitext_small)], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed_dir / "run" / "checkpoints" / "step000012.ckpt"  # inside phase 2 (steps 8-15)
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "the run ended or timed out before its step-12 checkpoint"
+    assert not (killed_dir / "run" / "results.json").exists()  # it really died mid-run
+
+    resumed = run_cli("tsparse.train", *cli_args(killed_dir, wikitext_small), "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = read_metrics(tmp_path / "full" / "run"), read_metrics(killed_dir / "run")
+    assert max(b) == max(a) == 23
+    for step in range(24):
+        assert [a[step][k] for k in LRS] == [b[step][k] for k in LRS], step
+        assert abs(a[step]["train/loss"] - b[step]["train/loss"]) < 1e-4, step
+
+
+def test_damaged_checkpoints_are_reported_and_skipped(tmp_path, wikitext_small):
+    cfg_args = nano_overrides(tmp_path, wikitext_small, *COMMON[:-5], "trainer.max_steps=8",
+                              "trainer.val_check_interval=4", "callbacks.model_checkpoint.every_n_train_steps=4",
+                              "test=false")
+    run(compose_cfg(cfg_args))
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(ConfigError, match="last.ckpt is corrupt or truncated"):
+        check_checkpoint(last)
+    fallback = newest_valid_checkpoint(ckpt_dir)
+    assert fallback is not None and fallback.name.startswith("step")
+    out = run_cli("tsparse.train", *[a for a in cfg_args if not a.startswith("paths.output_dir")],
+                  f"hydra.run.dir={tmp_path / 'run'}", f"ckpt_path={last}")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {last} is corrupt or truncated")
+
+
+def test_same_seed_same_losses(tmp_path, wikitext_small):
+    losses = []
+    for name in ("a", "b"):
+        run(compose_cfg(nano_overrides(tmp_path / name, wikitext_small, *COMMON, "trainer.max_steps=6")))
+        metrics = read_metrics(tmp_path / name / "run")
+        losses.append([metrics[s]["train/loss"] for s in range(6)])
+    assert losses[0] == losses[1]

@@ -97,7 +97,7 @@ def test_tuple_returning_layers_keep_peer(sparse, tmp_path):
     rope = model.lm.model.rotary_emb(hidden, position_ids)
     with torch.no_grad():
         as_tensor = wrapper(hidden, position_embeddings=rope, position_ids=position_ids)
-        wrapper.peer.up.zero_()
+        wrapper.peer.up.weight.zero_()
         without_peer = wrapper(hidden, position_embeddings=rope, position_ids=position_ids)
         perturb_(wrapper.peer)
         torch.manual_seed(0)

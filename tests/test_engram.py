@@ -91,7 +91,7 @@ def test_distinct_primes_and_per_head_collisions():
     m = make(heads_per_order=K, dim_per_order=16, table_rows=53)  # tiny tables: many collisions
     primes = m.primes.tolist()
     assert len(set(primes)) == len(primes) == 2 * K and min(primes) >= 53
-    assert m.table.shape[0] == sum(primes)
+    assert m.table.weight.shape[0] == sum(primes)
 
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (1, 400), generator=g)
@@ -140,16 +140,16 @@ def test_output_changes_and_gradients(sparse):
     y = m(h, ids)
     assert y.abs().max() > 1e-3
     y.pow(2).sum().backward()
-    assert m.table.grad.is_sparse == sparse
-    table_grad = m.table.grad.to_dense() if sparse else m.table.grad
-    touched = torch.zeros(m.table.shape[0], dtype=torch.bool)
+    assert m.table.weight.grad.is_sparse == sparse
+    table_grad = m.table.weight.grad.to_dense() if sparse else m.table.weight.grad
+    touched = torch.zeros(m.table.weight.shape[0], dtype=torch.bool)
     touched[m.hash_indices(ids).flatten()] = True
     assert table_grad[touched].abs().sum(-1).gt(0).all() and table_grad[~touched].eq(0).all()
     named = dict(m.named_parameters())
     for name in ["key_proj", "value_proj", "conv", "norm_k", "norm_q", "norm_v"]:
         grad = named[f"{name}.weight"].grad
         assert grad is not None and grad.abs().sum() > 0, name
-    assert m.table_parameters() == [m.table]
+    assert m.table_parameters() == [m.table.weight]
 
 
 def test_token_map_compression():
@@ -185,7 +185,7 @@ def test_bf16_table_close_to_fp32():
     ref = randomize(make())
     m = make(table_dtype=torch.bfloat16)
     m.load_state_dict(ref.state_dict())
-    assert m.table.dtype == torch.bfloat16
+    assert m.table.weight.dtype == torch.bfloat16
     h, ids = inputs()
     y, y_ref = m(h, ids), ref(h, ids)
     assert y.dtype == torch.float32

@@ -21,7 +21,7 @@ def make(dim=32, num_experts=256, **kw):
 def fill_up(peer, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        peer.up.copy_(torch.randn(peer.up.shape, generator=g))
+        peer.up.weight.copy_(torch.randn(peer.up.weight.shape, generator=g))
 
 
 def test_zero_output_at_init():
@@ -67,7 +67,7 @@ def test_param_count_tinyllama_on_meta(n, total):
     assert 2 * PEER.param_count(2048, n, heads=4, key_dim=64) + TINYLLAMA_BASE == total
     with torch.device("meta"):
         peer = PEER(2048, n)
-    assert peer.down.is_meta and peer.up.is_meta
+    assert peer.down.weight.is_meta and peer.up.weight.is_meta
     assert 2 * sum(p.numel() for p in peer.parameters()) + TINYLLAMA_BASE == total
 
 
@@ -140,7 +140,7 @@ def test_bf16_tables():
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref(x), atol=1e-5, rtol=1e-5)
     out.sum().backward()
-    assert low.down.grad.dtype == torch.bfloat16 and low.down.grad.is_sparse
+    assert low.down.weight.grad.dtype == torch.bfloat16 and low.down.weight.grad.is_sparse
 
 
 def test_usage_tracking():

@@ -136,7 +136,8 @@ class Engram(nn.Module):
             "token_map", None if token_map is None else torch.empty(len(token_map), dtype=torch.long)
         )
 
-        self.table = nn.Parameter(torch.empty(sum(self.primes_list), self.head_dim, dtype=table_dtype))
+        # nn.Embedding(sparse=...) so that DistributedDataParallel knows its grads are sparse.
+        self.table = nn.Embedding(sum(self.primes_list), self.head_dim, sparse=sparse_grad, dtype=table_dtype)
         e_dim = len(orders) * dim_per_order
         self.key_proj = nn.Linear(e_dim, dim, bias=False)
         self.value_proj = nn.Linear(e_dim, dim, bias=False)
@@ -161,7 +162,7 @@ class Engram(nn.Module):
         self.offsets.copy_(torch.cumsum(primes, 0) - primes)
         if self.token_map is not None:
             self.token_map.copy_(self._token_map_src)
-        nn.init.normal_(self.table, std=0.02)
+        nn.init.normal_(self.table.weight, std=0.02)
         self.key_proj.reset_parameters()
         nn.init.zeros_(self.value_proj.weight)  # init rule: y == 0 exactly
         nn.init.zeros_(self.conv.weight)
@@ -170,7 +171,7 @@ class Engram(nn.Module):
 
     def table_parameters(self) -> list[nn.Parameter]:
         """The hash embedding table(s): large, sparsely touched, for a sparse/row-wise optimizer."""
-        return [self.table]
+        return [self.table.weight]
 
     def hash_indices(self, input_ids: Tensor) -> Tensor:
         """Row indices into the concatenated table, LongTensor [B, T, num_heads], per-head offsets included."""
@@ -186,7 +187,7 @@ class Engram(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Returns y [B, T, dim] to ADD to the layer input (and the gate alpha [B, T] if return_gate)."""
         B, T, _ = hidden.shape
-        rows = F.embedding(self.hash_indices(input_ids), self.table, sparse=self.sparse_grad)
+        rows = self.table(self.hash_indices(input_ids))
         e = rows.to(self.key_proj.weight.dtype).reshape(B, T, -1)  # [B, T, orders*dim_per_order]
 
         k, q = self.norm_k(self.key_proj(e)), self.norm_q(hidden)

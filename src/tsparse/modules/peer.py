@@ -52,8 +52,9 @@ class PEER(nn.Module):
         self.query = nn.Linear(dim, 2 * heads * key_dim, bias=False)
         self.query_norm = nn.BatchNorm1d(2 * heads * key_dim) if query_batchnorm else None
         self.keys = nn.Parameter(torch.empty(heads, side, 2, key_dim))
-        self.down = nn.Parameter(torch.empty(num_experts, dim, dtype=table_dtype))  # u_i
-        self.up = nn.Parameter(torch.empty(num_experts, dim, dtype=table_dtype))    # v_i
+        # nn.Embedding(sparse=...) so that DistributedDataParallel knows these grads are sparse.
+        self.down = nn.Embedding(num_experts, dim, sparse=sparse_grad, dtype=table_dtype)  # u_i
+        self.up = nn.Embedding(num_experts, dim, sparse=sparse_grad, dtype=table_dtype)    # v_i
 
         self.track_stats = False
         self.stats: dict[str, Tensor] = {}
@@ -64,8 +65,8 @@ class PEER(nn.Module):
     def reset_parameters(self):
         nn.init.normal_(self.query.weight, std=self.dim ** -0.5)
         nn.init.normal_(self.keys, std=self.key_dim ** -0.5)
-        nn.init.normal_(self.down, std=self.dim ** -0.5)
-        nn.init.zeros_(self.up)  # exact zero output at init
+        nn.init.normal_(self.down.weight, std=self.dim ** -0.5)
+        nn.init.zeros_(self.up.weight)  # exact zero output at init
 
     @staticmethod
     def param_count(dim: int, num_experts: int, heads: int = 4, key_dim: int = 64) -> int:
@@ -75,7 +76,7 @@ class PEER(nn.Module):
 
     def table_parameters(self) -> list[nn.Parameter]:
         """The two N x dim expert tables (down u, up v): the sparsely touched parameters."""
-        return [self.down, self.up]
+        return [self.down.weight, self.up.weight]
 
     def _normed(self, x: Tensor) -> Tensor:
         x = x.reshape(-1, self.dim).float()
@@ -106,8 +107,8 @@ class PEER(nn.Module):
         scores, idx = self._retrieve(h)
         gate = scores.softmax(dim=-1) if self.gate == "softmax" else F.relu(scores)
         idx, gate = idx.flatten(1), gate.flatten(1)                   # [M, h*k]
-        u = F.embedding(idx, self.down, sparse=self.sparse_grad).float()  # [M, h*k, dim]
-        v = F.embedding(idx, self.up, sparse=self.sparse_grad).float()
+        u = self.down(idx).float()  # [M, h*k, dim]
+        v = self.up(idx).float()
         act = F.gelu(torch.einsum("mnd,md->mn", u, h)) * gate
         out = torch.einsum("mn,mnd->md", act, v)
 
@@ -136,5 +137,5 @@ class PEER(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, heads={self.heads}, top_k={self.top_k}, "
-                f"key_dim={self.key_dim}, gate={self.gate!r}, table_dtype={self.down.dtype}, "
+                f"key_dim={self.key_dim}, gate={self.gate!r}, table_dtype={self.down.weight.dtype}, "
                 f"sparse_grad={self.sparse_grad}")

@@ -46,6 +46,16 @@ def parse_phases(raw: Iterable[dict], key: str = "strategy.phases") -> list[Phas
     return phases
 
 
+def check_schedule_fits(phases: Sequence[Phase], max_steps: int) -> None:
+    """Every phase must start before `max_steps`; the last one runs on if the schedule is shorter."""
+    start = 0
+    for i, phase in enumerate(phases):
+        if start >= max_steps:
+            raise ConfigError(f"strategy.phases[{i}] ({phase.name}) starts at step {start} but trainer.max_steps="
+                              f"{max_steps}: it would never run; shorten the phases or raise trainer.max_steps")
+        start += phase.steps
+
+
 class PhaseLRCallback(L.Callback):
     """Before every batch, set each named param group's LR from the phase that `global_step` falls in.
 

@@ -122,6 +122,8 @@ def test_param_groups_and_frozen_base(tmp_path):
     ("peer.layers=[9]", "peer.layers=[9] must be distinct layer indices in [0, 3]"),
     ("engram.layers=[1,1]", "engram.layers=[1, 1] must be distinct layer indices"),
     ("peer.num_experts=1000", "peer.num_experts=1000 must be a positive perfect square"),
+    ("peer.num_experts=0", "peer.num_experts=0 must be a positive perfect square"),
+    ("peer.num_experts=-4", "peer.num_experts=-4 must be a positive perfect square"),
     ("mhc.variant=ladder", "mhc.variant='ladder' is not allowed; choose one of ['hyper', 'adapter']"),
 ])
 def test_bad_placement_is_a_config_error(override, needle, tmp_path):

@@ -73,3 +73,22 @@ def test_cli_unknown_experiment_lists_choices(tmp_path):
     assert result.returncode != 0
     assert "Could not find 'experiment/nope'" in result.stderr
     assert "pretrain_micro" in result.stderr  # the available options are listed
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("strategy=zigzag", "Could not find 'strategy/zigzag'"),
+    ("sparse=quad", "Could not find 'sparse/quad'"),
+    ("peer=1m", "Could not find 'peer/1m'"),
+])
+def test_cli_unknown_group_options_are_named(override, needle, tmp_path):
+    result = run_cli("tsparse.train", override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode != 0 and needle in result.stderr
+    assert "Available options" in result.stderr
+
+
+def test_block_size_beyond_model_context_is_rejected(tmp_path, wikitext_small):
+    from tsparse.train import run
+
+    with pytest.raises(ConfigError, match=r"data.block_size=512 exceeds the model context \(256\)"):
+        run(compose_cfg(nano_overrides(tmp_path, wikitext_small, "data.block_size=512")))
+    assert not list(tmp_path.glob("**/results.json")) and not list(tmp_path.glob("**/*.ckpt"))

@@ -15,7 +15,6 @@ def cli_args(tmp_path, data_dir, *extra):
         f"hydra.run.dir={tmp_path / 'run'}"]
 
 
-@pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_with_the_global_batch(tmp_path, wikitext_small):
     """Rank r reads positions r, r+2, ... of the same step-indexed stream, so 2 ranks x batch 4 see the
     samples of 1 process x batch 8 and, with averaged (sparse) gradients, reach the same weights."""

@@ -17,7 +17,7 @@ from test_strategies import SMALL_MODULES
 
 COMMON = ("sparse=triple", *SMALL_MODULES, "strategy=diff_lr", "strategy.phase_steps=8", "trainer.max_steps=24",
           "trainer.val_check_interval=4", "callbacks.model_checkpoint.every_n_train_steps=4",
-          "trainer.log_every_n_steps=1", "+logger.csv.flush_logs_every_n_steps=1", "test=false")
+          "trainer.log_every_n_steps=1", "logger.csv.flush_logs_every_n_steps=1", "test=false")
 LRS = [f"lr-SparseAwareAdamW/{g}" for g in ("engram", "peer", "mhc")]
 
 
@@ -53,7 +53,7 @@ def test_sigkill_mid_phase_then_resume_matches_uninterrupted(tmp_path, wikitext_
 
 
 def test_damaged_checkpoints_are_reported_and_skipped(tmp_path, wikitext_small):
-    cfg_args = nano_overrides(tmp_path, wikitext_small, *COMMON[:-5], "trainer.max_steps=8",
+    cfg_args = nano_overrides(tmp_path, wikitext_small, "sparse=triple", *SMALL_MODULES, "trainer.max_steps=8",
                               "trainer.val_check_interval=4", "callbacks.model_checkpoint.every_n_train_steps=4",
                               "test=false")
     run(compose_cfg(cfg_args))

@@ -19,11 +19,7 @@ class ConfigError(ValueError):
 def config_dir() -> Path:
     """The Hydra config tree: `conf/` of a checkout, else the copy packaged as `tsparse.conf`."""
     checkout = _CHECKOUT_ROOT / "conf"
-    if (checkout / "train.yaml").is_file():
-        return checkout
-    from importlib.resources import files
-
-    return Path(str(files("tsparse.conf")))
+    return checkout if (checkout / "train.yaml").is_file() else PACKAGE_DIR / "conf"
 
 
 def project_root() -> str:
@@ -70,7 +66,6 @@ def validate(cfg: DictConfig) -> None:
     for key in ("block_size", "batch_size", "eval_batch_size"):
         check_positive(f"data.{key}", cfg.data[key])
     check_choice("optim.base", cfg.optim.base, ["frozen", "finetune", "lora"])
-    check_choice("optim.table_optimizer", cfg.optim.table_optimizer, ["rowwise_adagrad", "adamw"])
     check_choice("optim.schedule", cfg.optim.schedule, ["constant", "cosine"])
     check_choice("optim.on_non_finite", cfg.optim.on_non_finite, ["stop", "skip"])
     check_positive("optim.grad_clip", cfg.optim.grad_clip, allow_zero=True)

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from tsparse.augment import params_by_group
 from tsparse.checkpoint import check_checkpoint, newest_valid_checkpoint
 from tsparse.build import build_datamodule, build_model
-from tsparse.callbacks import PhaseLRCallback, TokenThroughput, parse_phases
+from tsparse.callbacks import PhaseLRCallback, TokenThroughput, check_schedule_fits, parse_phases
 from tsparse.config import ConfigError, config_dir, to_container, validate
 from tsparse.hub import HubUnreachableError
 from tsparse.loggers import use_wandb_offline_without_key
@@ -92,6 +92,7 @@ def export_pretrained(model, tokenizer, target: str | Path) -> None:
 def run(cfg: DictConfig) -> dict:
     validate(cfg)
     phases = parse_phases(cfg.strategy.phases)
+    check_schedule_fits(phases, cfg.trainer.max_steps)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg, Path(cfg.paths.ckpt_dir)) if cfg.train else None

@@ -194,15 +194,20 @@ def plot(rows: list[dict], out_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    params = [r["params_total"] / 1e6 for r in rows]
+    sweep = [r for r in rows if r["config"] == "baseline" or r["config"].startswith("peer-")]
+    others = [r for r in rows if r not in sweep]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].plot(params, [r["infer_tok_s"] for r in rows], "o-")
-    axes[0].set(xlabel="total params (M)", ylabel="inference tokens/s", title="Throughput vs params")
-    axes[0].set_ylim(bottom=0)
-    axes[1].plot(params, [r["model_gb"] for r in rows], "o-", label="weights")
-    axes[1].plot(params, [r["memory_gb"] for r in rows], "s--", label="measured")
-    axes[1].legend()
-    axes[1].set(xlabel="total params (M)", ylabel="memory (GB)", title="Memory vs params")
+    panels = ((axes[0], "infer_tok_s", "inference tokens/s", "Throughput vs params"),
+              (axes[1], "model_gb", "weights (GB)", "Memory vs params"))
+    for ax, key, ylabel, title in panels:
+        ax.plot([r["params_total"] / 1e6 for r in sweep], [r[key] for r in sweep], "o-", label="baseline, PEER-N")
+        for r in others:
+            ax.plot(r["params_total"] / 1e6, r[key], "s")
+            ax.annotate(r["config"], (r["params_total"] / 1e6, r[key]), fontsize=7)
+        ax.set(xlabel="total params (M)", ylabel=ylabel, title=title)
+        ax.set_ylim(bottom=0)
+    axes[1].plot([r["params_total"] / 1e6 for r in sweep], [r["memory_gb"] for r in sweep], "x--", label="measured")
+    axes[1].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -217,7 +217,6 @@ def plot(rows: list[dict], out_dir: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="bench")
 def main(cfg: DictConfig) -> None:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         print(run_bench(cfg, Path(HydraConfig.get().runtime.output_dir)))
     except ConfigError as err:

@@ -71,6 +71,9 @@ def validate(cfg: DictConfig) -> None:
     check_positive("optim.grad_clip", cfg.optim.grad_clip, allow_zero=True)
     check_positive("optim.warmup_steps", cfg.optim.warmup_steps, allow_zero=True)
     check_positive("trainer.max_steps", cfg.trainer.max_steps)
+    if cfg.get("export_dir") and cfg.sparse.modules:
+        raise ConfigError(f"export_dir saves a plain HF model, so it needs sparse=none (got sparse.modules="
+                          f"{list(cfg.sparse.modules)})")
     if cfg.ckpt_path is not None and not isinstance(cfg.ckpt_path, str):
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} must be null, 'last' or a path to a .ckpt file")
 

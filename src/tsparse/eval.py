@@ -99,7 +99,6 @@ def main(argv: list[str] | None = None) -> dict:
     source.add_argument("--hub", action="store_true", help="WikiText-2 from the HF hub")
     parser.add_argument("--output", type=Path, help="also write the result as JSON here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         model, tokenizer, cfg = load_for_eval(args.path)
         if args.hub:

@@ -219,7 +219,7 @@ def plot_lr_schedules(groups: dict[tuple[str, str], list[Run]], path: Path) -> N
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (name, columns) in zip(axes, schedules.items()):
         for column in columns:
-            ax.plot(*mean_curve([first_runs[name]], column), label=column.split("/")[-1])
+            ax.plot(*mean_curve([first_runs[name]], column), label=column.split("/")[-1], drawstyle="steps-post")
         ax.set_title("\n".join(textwrap.wrap(f"{name} (seed {first_runs[name].seed})", 40)), fontsize="small")
         ax.set(xlabel="step", ylabel="learning rate")
         ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))

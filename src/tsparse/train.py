@@ -13,19 +13,18 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from tsparse.augment import params_by_group
-from tsparse.checkpoint import check_checkpoint, newest_valid_checkpoint
 from tsparse.build import build_datamodule, build_model
 from tsparse.callbacks import PhaseLRCallback, TokenThroughput, check_schedule_fits, parse_phases
+from tsparse.checkpoint import check_checkpoint, newest_valid_checkpoint
 from tsparse.config import ConfigError, config_dir, to_container, validate
 from tsparse.hub import HubUnreachableError
-from tsparse.loggers import use_wandb_offline_without_key
 from tsparse.lit_module import CausalLMModule, NonFiniteError
+from tsparse.loggers import use_wandb_offline_without_key
 
 log = logging.getLogger("tsparse")
 
@@ -122,12 +121,10 @@ def run(cfg: DictConfig) -> dict:
     if cfg.test:
         trainer.test(module, datamodule=datamodule)
         results.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
-    results.update(wall_seconds=time.perf_counter() - start, train_tokens_per_sec=throughput.average if throughput else None,
-                   global_step=trainer.global_step,
+    results.update(wall_seconds=time.perf_counter() - start, global_step=trainer.global_step,
+                   train_tokens_per_sec=throughput.average if throughput else None,
                    params={k: sum(p.numel() for _, p in v) for k, v in params_by_group(model).items()})
     if cfg.export_dir and trainer.is_global_zero:
-        if cfg.sparse.modules:
-            raise ConfigError("export_dir saves a plain HF model; it needs sparse=none")
         export_pretrained(model.lm, tokenizer, cfg.export_dir)
         log.info("exported the trained model to %s", cfg.export_dir)
     if trainer.is_global_zero:
@@ -141,7 +138,6 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     try:
         results = run(cfg)
     except (ConfigError, HubUnreachableError) as err:

@@ -147,3 +147,23 @@ def test_state_dict_round_trip(tmp_path):
     fresh.load_state_dict(torch.load(path))
     with torch.no_grad():
         torch.testing.assert_close(fresh(IDS).logits, model(IDS).logits)
+
+
+def test_engram_token_compression_merges_case_variants(tmp_path, wikitext_small):
+    from tsparse.augment import compressed_token_map
+    from tsparse.tokenizer import train_bpe
+
+    tok = train_bpe((wikitext_small / "train.txt").read_text(), 400)
+    token_map = compressed_token_map(tok, len(tok))
+    vocab = tok.get_vocab()
+    def lower(piece: str) -> str:  # lowercase the text, not ByteLevel's space marker "Ġ"
+        return piece[0] + piece[1:].lower() if piece.startswith("Ġ") else piece.lower()
+
+    def is_word(piece: str) -> bool:
+        text = tok.decode([vocab[piece]]).strip()
+        return text.isascii() and text.isalpha()
+
+    pairs = [(vocab[w], vocab[lower(w)]) for w in vocab if is_word(w) and w != lower(w) and lower(w) in vocab]
+    assert pairs, "the tokenizer should hold some case variants"
+    assert all(token_map[a] == token_map[b] for a, b in pairs)
+    assert token_map.max() < len(tok) and len(set(token_map.tolist())) < len(tok)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 
 from tsparse.config import ConfigError
 
@@ -47,12 +48,13 @@ def parse_phases(raw: Iterable[dict], key: str = "strategy.phases") -> list[Phas
 
 
 def check_schedule_fits(phases: Sequence[Phase], max_steps: int) -> None:
-    """Every phase must start before `max_steps`; the last one runs on if the schedule is shorter."""
+    """Warn about phases that start at or after `max_steps` (they never run in this invocation; a
+    resumed run with a larger max_steps reaches them). The last phase runs on if the schedule is shorter."""
     start = 0
     for i, phase in enumerate(phases):
         if start >= max_steps:
-            raise ConfigError(f"strategy.phases[{i}] ({phase.name}) starts at step {start} but trainer.max_steps="
-                              f"{max_steps}: it would never run; shorten the phases or raise trainer.max_steps")
+            rank_zero_warn(f"strategy.phases[{i}] ({phase.name}) starts at step {start} but trainer.max_steps="
+                           f"{max_steps}: it will not run unless the run is resumed with a larger max_steps")
         start += phase.steps
 
 

@@ -27,4 +27,4 @@ def build_model(cfg: DictConfig, datamodule: WikiText2DataModule) -> tuple[Augme
         from tsparse.lora import add_lora
 
         add_lora(model, cfg.optim.lora_rank)
-    return model, tokenizer
+    return model.train(), tokenizer  # from_pretrained returns eval mode; Lightning keeps module modes as given

@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from tsparse.modules import rms_ratio
+
 # Multipliers are drawn below 2**31, so for ids below 2**32 every product fits in int64: no overflow.
 _MULTIPLIER_BOUND = 2**31
 # Floor under the gate's signed sqrt: keeps its gradient finite (<= 1 / (2 * sqrt(1e-6)) = 500) at s = 0.
@@ -35,9 +37,6 @@ def ngram_hash_ids(input_ids: Tensor, multipliers: Tensor, order: int, pad_id: i
         hashed = hashed ^ (padded[..., start : start + T] * multipliers[i])
     return hashed
 
-
-def _rms(x: Tensor) -> Tensor:
-    return x.float().pow(2).mean().sqrt()
 
 
 def _is_prime(n: int) -> bool:
@@ -203,7 +202,7 @@ class Engram(nn.Module):
                 self.stats = {
                     "gate_mean": alpha.mean(),
                     "gate_std": alpha.std(correction=0),
-                    "out_rms_ratio": _rms(y) / _rms(hidden).clamp_min(1e-12),
+                    "out_rms_ratio": rms_ratio(y, hidden),
                 }
         return (y, alpha) if return_gate else y
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tsparse.modules import rms_ratio
+
 Branch = Callable[[Tensor], Tensor]
 
 REDUCE_MODES = ("mean", "learned")
@@ -86,9 +88,6 @@ def uniform_step(x: Tensor, branch: Branch) -> Tensor:
     """Layers without a learnable mHC: read the stream mean m, write F(m) to every stream."""
     return x + branch(x.mean(dim=-2)).unsqueeze(-2)
 
-
-def _rms(t: Tensor) -> Tensor:
-    return t.float().pow(2).mean().sqrt()
 
 
 class HyperConnection(nn.Module):
@@ -172,7 +171,7 @@ class HyperConnection(nn.Module):
         self.stats = {
             "h_res_identity_dist": torch.linalg.matrix_norm(h_res - eye).mean(),
             "h_post_std": h_post.std(dim=-1).mean(),
-            "out_rms_ratio": _rms(write) / _rms(x).clamp_min(1e-12),
+            "out_rms_ratio": rms_ratio(write, x),
         }
 
     def extra_repr(self) -> str:

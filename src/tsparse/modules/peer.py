@@ -7,6 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from tsparse.modules import rms_ratio
+
 GATES = ("softmax", "relu")
 
 
@@ -116,9 +118,7 @@ class PEER(nn.Module):
             with torch.no_grad():
                 flat = idx.reshape(-1)
                 self.usage_counts.index_add_(0, flat, torch.ones_like(flat))
-                x32 = x.detach().float()
-                self.stats = {"out_rms_ratio": out.detach().pow(2).mean().sqrt()
-                              / x32.pow(2).mean().sqrt().clamp_min(1e-12)}
+                self.stats = {"out_rms_ratio": rms_ratio(out, x)}
         return out.view(*x.shape[:-1], self.dim).to(x.dtype)
 
     @torch.no_grad()

@@ -85,7 +85,7 @@ def test_report_groups_seeds_and_compares_to_references(sweep, tmp_path, capsys)
             assert (delta > 0) == (ppl[experiment] > ppl[reference])
     assert by_group["baseline"]["delta_test_ppl_vs_baseline_pct"] == 0.0
 
-    table = (out / "report.md").read_text()
+    table = (out / "report.md").read_text().split("## Module diagnostics")[0]
     data_lines = [line for line in table.splitlines() if line.startswith("| `")]
     assert len(data_lines) == 3 and all(" ± " in line for line in data_lines)
     assert "Δ test ppl vs baseline" in table and "Δ test ppl vs finetune_control" in table
@@ -101,6 +101,24 @@ def test_report_groups_seeds_and_compares_to_references(sweep, tmp_path, capsys)
         image = imread(out / name)
         assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 400
         assert image[..., :3].std() > 0.01  # something was drawn
+
+
+def test_module_diagnostics_are_the_last_logged_stats(sweep, tmp_path):
+    report.main([str(sweep), "--out", str(tmp_path)])
+    runs = [report.Run.load(sweep / "engram" / f"job,seed={s}") for s in SEEDS]
+    finals = []
+    for run in runs:
+        last = {}
+        for step in sorted(run.metrics):
+            last.update({k: v for k, v in run.metrics[step].items() if k.endswith("/out_rms_ratio")})
+        assert last and all(k.startswith("stats/engram.L") for k in last)
+        finals.append(statistics.fmean(last.values()))
+    assert all(f > 0 for f in finals)
+    text = (tmp_path / "report.md").read_text().split("## Module diagnostics")[1]
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) == 1 and rows[0].startswith("| `engram` |")  # references log no module stats
+    engram_rms = rows[0].split(" | ")[1]
+    assert engram_rms == f"{statistics.mean(finals):.3g} ± {statistics.stdev(finals):.2g}"
 
 
 def test_one_seed_is_reported_as_n_1(sweep, tmp_path):

@@ -75,7 +75,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"export_dir saves a plain HF model, so it needs sparse=none (got sparse.modules="
                           f"{list(cfg.sparse.modules)})")
     if cfg.ckpt_path is not None and not isinstance(cfg.ckpt_path, str):
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} must be null, 'last' or a path to a .ckpt file")
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} must be null, 'last', 'auto' or a path to a .ckpt file")
 
 
 def to_container(cfg: DictConfig) -> dict:

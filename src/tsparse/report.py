@@ -10,7 +10,8 @@ seeds; a single seed is marked "(n=1)", with no std. Δ test ppl compares group 
 the engram, peer and mhc groups, plus the whole base unless `optim.base=frozen` (under `lora` that
 overcounts: results.json does not split the adapters from the base).
 
-Writes report.md, report.csv, loss_curves.png (train/loss per group, mean over seeds) and
+report.md also gets the modules' final diagnostics (output/input RMS ratios, Engram/PEER RMS ratio,
+Engram gate, PEER expert usage, mHC distance from identity). Writes report.md, report.csv, loss_curves.png (train/loss per group, mean over seeds) and
 lr_schedule.png (LR per param group, one subplot per group, from its lowest seed) into --out
 (default: the first PATH), and prints the table.
 """
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
@@ -174,6 +176,44 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Module diagnostics: (column, metrics.csv column pattern, averaged over the matching layers).
+DIAGNOSTICS = (
+    ("engram out/in RMS", re.compile(r"stats/engram\.L\d+/out_rms_ratio")),
+    ("peer out/in RMS", re.compile(r"stats/peer\.L\d+/out_rms_ratio")),
+    ("mhc write/in RMS", re.compile(r"stats/mhc\.L\d+/out_rms_ratio")),
+    ("engram/peer RMS", re.compile(r"stats/engram_to_peer_rms")),
+    ("engram gate mean", re.compile(r"stats/engram\.L\d+/gate_mean")),
+    ("peer experts used", re.compile(r"stats/peer\.L\d+/usage_fraction")),
+    ("mhc ‖H_res − I‖", re.compile(r"stats/mhc\.L\d+/h_res_identity_dist")),
+)
+
+
+def final_diagnostic(run: Run, pattern: re.Pattern) -> float | None:
+    """The mean over layers of the last logged value of each column matching `pattern`."""
+    last: dict[str, float] = {}
+    for step in sorted(run.metrics):
+        last.update({c: v for c, v in run.metrics[step].items() if pattern.fullmatch(c)})
+    return statistics.fmean(last.values()) if last else None
+
+
+def diagnostics_table(groups: dict[tuple[str, str], list[Run]]) -> str:
+    """Final module stats (mean ± std over seeds) of every group that logged any: output-RMS ratios
+    (does one module crowd out another?), Engram gate, PEER expert usage, mHC distance from identity."""
+    header = ["group", *(name for name, _ in DIAGNOSTICS)]
+    lines = []
+    for (_, name), runs in groups.items():
+        cells = []
+        for _, pattern in DIAGNOSTICS:
+            values = [v for v in (final_diagnostic(r, pattern) for r in runs) if v is not None]
+            mean, std = mean_std(values)
+            cells.append("-" if mean is None else f"{mean:.3g}" + ("" if std is None else f" ± {std:.2g}"))
+        if any(c != "-" for c in cells):
+            lines.append("| " + " | ".join([f"`{name}`", *cells]) + " |")
+    if not lines:
+        return ""
+    return "\n".join(["| " + " | ".join(header) + " |", "|---" + "|---:" * len(DIAGNOSTICS) + "|", *lines])
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -248,15 +288,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     groups = group_runs(runs)
     rows = summarize(groups)
     table = markdown_table(rows)
+    diagnostics = diagnostics_table(groups)
     (out / "report.md").write_text(
         f"# Results: {len(runs)} runs in {len(groups)} groups\n\n"
         "Mean ± sample std over seeds; Δ in % of the reference experiment's mean test ppl.\n\n"
-        f"{table}\n")
+        f"{table}\n"
+        + (f"\n## Module diagnostics at the last logged step\n\nMean over layers, then mean ± std over seeds.\n\n"
+           f"{diagnostics}\n" if diagnostics else ""))
     write_csv(rows, out / "report.csv")
     plot_loss_curves(groups, out / "loss_curves.png")
     plot_lr_schedules(groups, out / "lr_schedule.png")
     print(table)
     return rows
+
+
+class ReportOnMultirunEnd(Callback):
+    """Hydra callback (`hydra.callbacks`): write the report of the sweep dir when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        main([str(config.hydra.sweep.dir)])
 
 
 if __name__ == "__main__":

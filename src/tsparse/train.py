@@ -48,8 +48,14 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 
 def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
     """`ckpt_path=last` -> the newest valid checkpoint of this run dir (last.ckpt unless damaged);
-    refuse to silently start over on top of existing checkpoints."""
+    `auto` -> the same if there is one, else a fresh start; refuse to silently start over on top of
+    existing checkpoints."""
     existing = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+    if cfg.ckpt_path == "auto":
+        newest = newest_valid_checkpoint(ckpt_dir) if existing else None
+        if newest is None and existing:
+            shutil.rmtree(ckpt_dir)  # only damaged checkpoints: nothing to resume
+        return None if newest is None else str(newest)
     if cfg.ckpt_path is None:
         if existing and not cfg.overwrite:
             raise ConfigError(f"{ckpt_dir} already holds checkpoints; pass ckpt_path=last to resume, "
@@ -88,11 +94,25 @@ def export_pretrained(model, tokenizer, target: str | Path) -> None:
         staging.rename(target)
 
 
+def finished_results(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """Under `ckpt_path=auto`, the results of this run dir if it already finished this config's
+    step budget (so that re-running an interrupted sweep skips its done cells), else None."""
+    path = run_dir / "results.json"
+    if cfg.ckpt_path != "auto" or not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    done = not cfg.train or results.get("global_step", 0) >= cfg.trainer.max_steps
+    return results if done else None
+
+
 def run(cfg: DictConfig) -> dict:
     validate(cfg)
     phases = parse_phases(cfg.strategy.phases)
     check_schedule_fits(phases, cfg.trainer.max_steps)
     run_dir = Path(cfg.paths.output_dir)
+    if (results := finished_results(cfg, run_dir)) is not None:
+        log.info("%s already finished (ckpt_path=auto): keeping its results.json", run_dir)
+        return results
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg, Path(cfg.paths.ckpt_dir)) if cfg.train else None
     write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

@@ -1,0 +1,77 @@
+"""The quality study (`+study=quality`): one multirun over experiments x seeds, a report at the end,
+and a re-run that skips the finished cells."""
+import csv
+import json
+
+import pytest
+
+from conftest import compose_cfg, run_cli
+
+
+STUDY_ARGS = ("-m", "+study=quality", "model=nano", "data.block_size=64", "logger=csv",
+              "trainer.enable_progress_bar=false", "trainer.val_check_interval=2", "trainer.limit_val_batches=2",
+              "trainer.limit_test_batches=2", "trainer.log_every_n_steps=2", "+experiment=baseline,engram", "seed=0,1")
+
+
+def run_study(root, *extra):
+    """The study CLI in a project root of its own (outputs/, .cache/ and ../shared/data under tmp)."""
+    return run_cli("tsparse.train", *STUDY_ARGS, "trainer.max_steps=4", *extra, env={"TSPARSE_ROOT": str(root)},
+                   timeout=600)
+
+
+@pytest.fixture
+def study_root(tmp_path, wikitext_small):
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "shared" / "data" / "wikitext-2").symlink_to(wikitext_small)
+    (tmp_path / "project").mkdir()
+    return tmp_path / "project"
+
+
+def test_study_composes_every_experiment_and_seed():
+    from hydra import compose, initialize_config_dir
+    from tsparse.config import config_dir
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=["+study=quality"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params["+experiment"].split(",") == ["baseline", "finetune_control", "engram", "peer", "mhc", "hybrid",
+                                               "joint", "staggered", "diff_lr"]
+    assert params.seed.split(",") == ["0", "1", "2"]
+    assert cfg.ckpt_path == "auto" and cfg.trainer.max_steps == 150
+    cell = compose_cfg(["+study=quality", "+experiment=peer", "seed=2"])
+    assert cell.peer.num_experts == 16384 and cell.optim.table_lr_scale == 10.0
+    assert compose_cfg(["+study=quality", "+experiment=peer", "model=tinyllama"]).peer.num_experts == 262144
+
+
+def cell_dirs(study):
+    """(experiment, seed) -> run dir of every finished cell."""
+    found = {}
+    for results in study.glob("*/results.json"):
+        parts = results.parent.name.split(",")
+        found[parts[0], next(p for p in parts if p.startswith("seed="))] = results.parent
+    return found
+
+
+def test_study_runs_reports_and_skips_finished_cells(study_root):
+    first = run_study(study_root)
+    assert first.returncode == 0, first.stderr[-3000:]
+    study = study_root / "outputs" / "study" / "nano"
+    cells = cell_dirs(study)
+    assert sorted(cells) == [("baseline", "seed=0"), ("baseline", "seed=1"), ("engram", "seed=0"), ("engram", "seed=1")]
+    with open(study / "report.csv") as f:
+        rows = {r["experiment"]: r for r in csv.DictReader(f)}
+    assert rows.keys() == {"baseline", "engram"} and rows["engram"]["n_seeds"] == "2"
+    assert (study / "loss_curves.png").stat().st_size > 0 and "| engram |" in (study / "report.md").read_text()
+
+    before = {c: (d / "results.json").read_text() for c, d in cells.items()}
+    again = run_study(study_root)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (again.stdout + again.stderr).count("already finished (ckpt_path=auto)") == 4
+    assert {c: (d / "results.json").read_text() for c, d in cells.items()} == before
+
+    # A cell that trained but crashed before writing results.json resumes from its checkpoint.
+    (cells["engram", "seed=1"] / "results.json").unlink()
+    resumed = run_study(study_root)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr
+    assert log.count("already finished (ckpt_path=auto)") == 3 and "Restored all states from the checkpoint" in log
+    assert json.loads((cells["engram", "seed=1"] / "results.json").read_text())["global_step"] == 4

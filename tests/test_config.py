@@ -19,7 +19,7 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_config_file_composes(group, option, tmp_path):
-    key = f"+experiment={option}" if group == "experiment" else f"{group}={option}"
+    key = f"+{group}={option}" if group in ("experiment", "study") else f"{group}={option}"
     cfg = compose_cfg(nano_overrides(tmp_path, tmp_path, key))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["model"]["kind"] in ("micro", "pretrained")
@@ -43,6 +43,9 @@ def test_train_yaml_has_no_experiment_default():
 @pytest.mark.parametrize("override,needle", [
     ("optim.base=bogus", "optim.base='bogus' is not allowed; choose one of ['frozen', 'finetune', 'lora']"),
     ("optim.schedule=linear", "optim.schedule='linear' is not allowed"),
+    ("optim.table_lr_scale={mhc:2}", "optim.table_lr_scale group='mhc' is not allowed; choose one of ['engram', 'peer']"),
+    ("optim.table_lr_scale={peer:-1}", "optim.table_lr_scale.peer=-1 must be a positive number"),
+    ("optim.table_lr_scale=0", "optim.table_lr_scale=0 must be a positive number"),
     ("data.block_size=0", "data.block_size=0 must be a positive number"),
     ("trainer.max_steps=-5", "trainer.max_steps=-5 must be a positive number"),
 ])

@@ -68,3 +68,14 @@ def test_no_clipping_below_threshold_and_step_after_clipping():
     before = table.detach().clone()
     SparseAwareAdamW([table, dense], lr=0.1).step()
     assert norm > 0 and not torch.equal(before, table.detach())
+
+
+def test_table_lr_scale_is_per_group_or_global():
+    from tsparse.lit_module import CausalLMModule
+    from tsparse.modules.peer import PEER
+    model = nn.ModuleDict({"peer": PEER(32, 64, heads=2, top_k=4, key_dim=8), "head": nn.Linear(32, 32)})
+    optim = {"base": "finetune", "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0}
+    per_group = CausalLMModule(model, {**optim, "table_lr_scale": {"peer": 7.0}}).configure_optimizers()
+    assert {g["name"]: g["table_lr_scale"] for g in per_group.param_groups} == {"peer": 7.0, "base": 1.0}
+    shared = CausalLMModule(model, {**optim, "table_lr_scale": 3.0}).configure_optimizers()
+    assert {g["name"]: g["table_lr_scale"] for g in shared.param_groups} == {"peer": 3.0, "base": 3.0}

@@ -38,7 +38,7 @@ def test_study_composes_every_experiment_and_seed():
     assert params.seed.split(",") == ["0", "1", "2"]
     assert cfg.ckpt_path == "auto" and cfg.trainer.max_steps == 150
     cell = compose_cfg(["+study=quality", "+experiment=peer", "seed=2"])
-    assert cell.peer.num_experts == 16384 and cell.optim.table_lr_scale == 10.0
+    assert cell.peer.num_experts == 16384 and cell.optim.table_lr_scale == {"engram": 10000.0, "peer": 100.0}
     assert compose_cfg(["+study=quality", "+experiment=peer", "model=tinyllama"]).peer.num_experts == 262144
 
 
@@ -62,6 +62,7 @@ def test_study_runs_reports_and_skips_finished_cells(study_root):
     assert rows.keys() == {"baseline", "engram"} and rows["engram"]["n_seeds"] == "2"
     assert (study / "loss_curves.png").stat().st_size > 0 and "| engram |" in (study / "report.md").read_text()
 
+    assert json.loads((cells["engram", "seed=0"] / "results.json").read_text())["skipped_steps"] == 0
     before = {c: (d / "results.json").read_text() for c, d in cells.items()}
     again = run_study(study_root)
     assert again.returncode == 0, again.stderr[-3000:]

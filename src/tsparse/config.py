@@ -70,6 +70,11 @@ def validate(cfg: DictConfig) -> None:
     check_choice("optim.on_non_finite", cfg.optim.on_non_finite, ["stop", "skip"])
     check_positive("optim.grad_clip", cfg.optim.grad_clip, allow_zero=True)
     check_positive("optim.warmup_steps", cfg.optim.warmup_steps, allow_zero=True)
+    scale = cfg.optim.table_lr_scale
+    for group, value in (scale.items() if isinstance(scale, DictConfig) else [(None, scale)]):
+        if group is not None:
+            check_choice("optim.table_lr_scale group", group, ["engram", "peer"])
+        check_positive("optim.table_lr_scale" + (f".{group}" if group else ""), value)
     check_positive("trainer.max_steps", cfg.trainer.max_steps)
     if cfg.get("export_dir") and cfg.sparse.modules:
         raise ConfigError(f"export_dir saves a plain HF model, so it needs sparse=none (got sparse.modules="

@@ -87,9 +87,11 @@ class CausalLMModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        groups = [{"name": name, "params": params} for name, params in self.trainable_groups().items() if params]
+        scale = cfg.get("table_lr_scale", 1.0)
+        groups = [{"name": name, "params": params, "table_lr_scale": scale.get(name, 1.0) if isinstance(scale, dict) else scale}
+                  for name, params in self.trainable_groups().items() if params]
         return SparseAwareAdamW(groups, lr=cfg.get("lr", 1e-3), betas=cfg["betas"], eps=cfg["eps"],
-                                weight_decay=cfg["weight_decay"], table_lr_scale=cfg.get("table_lr_scale", 1.0))
+                                weight_decay=cfg["weight_decay"])
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Sparse-aware global-norm clipping (torch's clip_grad_norm_ rejects sparse grads)."""

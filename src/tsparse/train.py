@@ -142,6 +142,7 @@ def run(cfg: DictConfig) -> dict:
         trainer.test(module, datamodule=datamodule)
         results.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     results.update(wall_seconds=time.perf_counter() - start, global_step=trainer.global_step,
+                   skipped_steps=module.skipped_steps,
                    train_tokens_per_sec=throughput.average if throughput else None,
                    params={k: sum(p.numel() for _, p in v) for k, v in params_by_group(model).items()})
     if cfg.export_dir and trainer.is_global_zero:

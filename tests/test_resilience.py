@@ -36,7 +36,13 @@ def test_sigkill_mid_phase_then_resume_matches_uninterrupted(tmp_path, wikitext_
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = killed_dir / "run" / "checkpoints" / "step000012.ckpt"  # inside phase 2 (steps 8-15)
     deadline = time.time() + 240
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+
+    def step_11_logged():
+        # Lightning logs a step's metrics after its on_train_batch_end hooks (where the checkpoint is
+        # written), so a kill right after the step-12 checkpoint would lose step 11's CSV row.
+        return "train/loss" in read_metrics(killed_dir / "run").get(11, {})
+
+    while not (ckpt.exists() and step_11_logged()) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

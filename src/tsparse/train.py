@@ -51,11 +51,15 @@ def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
     `auto` -> the same if there is one, else a fresh start; refuse to silently start over on top of
     existing checkpoints."""
     existing = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
-    if cfg.ckpt_path == "auto":
+    if cfg.ckpt_path in ("last", "auto"):
         newest = newest_valid_checkpoint(ckpt_dir) if existing else None
-        if newest is None and existing:
-            shutil.rmtree(ckpt_dir)  # only damaged checkpoints: nothing to resume
-        return None if newest is None else str(newest)
+        if newest is not None:
+            return str(newest)
+        if cfg.ckpt_path == "last":
+            raise ConfigError(f"ckpt_path=last but {ckpt_dir} holds no valid checkpoint; run without ckpt_path first")
+        if existing:
+            shutil.rmtree(ckpt_dir)  # auto, and only damaged checkpoints: nothing to resume
+        return None
     if cfg.ckpt_path is None:
         if existing and not cfg.overwrite:
             raise ConfigError(f"{ckpt_dir} already holds checkpoints; pass ckpt_path=last to resume, "
@@ -63,11 +67,6 @@ def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
         if existing:
             shutil.rmtree(ckpt_dir)
         return None
-    if cfg.ckpt_path == "last":
-        newest = newest_valid_checkpoint(ckpt_dir) if existing else None
-        if newest is None:
-            raise ConfigError(f"ckpt_path=last but {ckpt_dir} holds no valid checkpoint; run without ckpt_path first")
-        return str(newest)
     check_checkpoint(cfg.ckpt_path)
     return str(cfg.ckpt_path)
 

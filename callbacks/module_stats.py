@@ -4,20 +4,9 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from tsparse.augment import AugmentedDecoderLayer
-from tsparse.modules.peer import PEER
-
-
 def tracked_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """`{kind}.L{layer}` -> module, for every sparse module attached to an `AugmentedCausalLM`."""
-    found = {}
-    for index, layer in enumerate(getattr(model, "layers", [])):
-        if isinstance(layer, AugmentedDecoderLayer):
-            for kind in ("engram", "peer", "mhc"):
-                module = getattr(layer, kind, None)
-                if hasattr(module, "track_stats"):
-                    found[f"{kind}.L{index}"] = module
-    return found
+    """`{kind}.L{layer}` -> module, for every attached sparse module that records statistics."""
+    return {name: m for name, m in model.sparse_modules().items() if hasattr(m, "track_stats")}
 
 
 class ModuleStats(L.Callback):
@@ -26,7 +15,7 @@ class ModuleStats(L.Callback):
     PEER" ratio). PEER usage (share of experts hit, normalised usage entropy) accumulates over the
     sampled batches and is logged and reset at each validation."""
 
-    def __init__(self, every_n_steps: int = 50):
+    def __init__(self, every_n_steps: int):
         self.every_n_steps = every_n_steps
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -53,7 +42,7 @@ class ModuleStats(L.Callback):
         if trainer.sanity_checking:
             return
         for name, module in tracked_modules(pl_module.model).items():
-            if isinstance(module, PEER) and int(module.usage_counts.sum()) > 0:
+            if hasattr(module, "usage_summary") and int(module.usage_counts.sum()) > 0:
                 for key, value in module.usage_summary().items():
                     pl_module.log(f"stats/{name}/{key}", value)
                 module.reset_usage()

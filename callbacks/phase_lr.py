@@ -8,17 +8,22 @@ from typing import Iterable, Sequence
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 
-from tsparse.config import ConfigError
-
-GROUPS = ("engram", "peer", "mhc", "base")
+from tsparse.checks import ConfigError
+from tsparse.registry import KINDS, PARAM_GROUPS
 
 
 @dataclass(frozen=True)
 class Phase:
+    """`lr` per param group (`registry.PARAM_GROUPS`: a kind, its `<kind>_table`, `base`); `frozen`
+    names groups or kinds (a frozen kind freezes its tables too)."""
+
     name: str
     steps: int
     lr: dict[str, float]
     frozen: tuple[str, ...] = field(default_factory=tuple)
+
+    def freezes(self, group: str) -> bool:
+        return group in self.frozen or group.removesuffix("_table") in self.frozen
 
 
 def parse_phases(raw: Iterable[dict], key: str = "strategy.phases") -> list[Phase]:
@@ -35,9 +40,12 @@ def parse_phases(raw: Iterable[dict], key: str = "strategy.phases") -> list[Phas
             raise ConfigError(f"{where}.steps={steps!r} must be a positive integer")
         lr = dict(p.get("lr") or {})
         frozen = tuple(p.get("frozen") or ())
-        for group in (*lr, *frozen):
-            if group not in GROUPS:
-                raise ConfigError(f"{where} names unknown param group {group!r}; allowed: {list(GROUPS)}")
+        for group in lr:
+            if group not in PARAM_GROUPS:
+                raise ConfigError(f"{where}.lr names unknown param group {group!r}; allowed: {list(PARAM_GROUPS)}")
+        for group in frozen:
+            if group not in (*PARAM_GROUPS, *KINDS):
+                raise ConfigError(f"{where}.frozen names unknown param group {group!r}; allowed: {list(PARAM_GROUPS)}")
         for group, value in lr.items():
             if not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"{where}.lr.{group}={value!r} must be a number >= 0")
@@ -113,5 +121,5 @@ class PhaseLRCallback(L.Callback):
             for group in opt.param_groups:
                 group["lr"] = lrs[group["name"]]
                 for p in group["params"]:
-                    p.requires_grad_(group["name"] not in phase.frozen)
+                    p.requires_grad_(not phase.freezes(group["name"]))
         pl_module.log("train/phase", float(index), on_step=True, on_epoch=False)

@@ -1,12 +1,13 @@
-"""Build a run's pieces from its config: the DataModule and the (augmented) model with its tokenizer."""
+"""Build a run's pieces from its config: the DataModule and the model with its tokenizer."""
 from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from tsparse.augment import AugmentedCausalLM, augment
-from tsparse.config import ConfigError, to_container
+from tsparse.checks import ConfigError
+from tsparse.config import module_specs, to_container
 from tsparse.data import WikiText2DataModule
-from tsparse.models import load_base
+from tsparse.modeling import TsparseForCausalLM
+from tsparse.models import base_with_modules
 
 
 def build_datamodule(cfg: DictConfig, tokenizer=None) -> WikiText2DataModule:
@@ -14,15 +15,14 @@ def build_datamodule(cfg: DictConfig, tokenizer=None) -> WikiText2DataModule:
     return WikiText2DataModule(tokenizer, source=cfg.data.source, seed=cfg.seed, **kwargs)
 
 
-def build_model(cfg: DictConfig, datamodule: WikiText2DataModule) -> tuple[AugmentedCausalLM, object]:
-    """Load the base (training a micro tokenizer on the train split if needed), attach the sparse
-    modules and LoRA adapters, and give the DataModule the tokenizer."""
-    lm, tokenizer = load_base(cfg.model, lambda: datamodule.texts["train"])
-    max_context = getattr(lm.config, "max_position_embeddings", None)
-    if max_context and cfg.data.block_size > max_context:
+def build_model(cfg: DictConfig, datamodule: WikiText2DataModule) -> tuple[TsparseForCausalLM, object]:
+    """The base with the configured modules (and LoRA adapters), in train mode; gives the DataModule
+    the tokenizer (a micro tokenizer is trained on the train split if needed)."""
+    model, tokenizer = base_with_modules(cfg.model, module_specs(cfg), cfg.seed, lambda: datamodule.texts["train"])
+    max_context = model.config.max_position_embeddings
+    if cfg.data.block_size > max_context:
         raise ConfigError(f"data.block_size={cfg.data.block_size} exceeds the model context ({max_context})")
     datamodule.tokenizer = tokenizer
-    model = augment(lm, cfg, tokenizer)
     if cfg.optim.base == "lora":
         from tsparse.lora import add_lora
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -39,10 +41,32 @@ def newest_valid_checkpoint(ckpt_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """`torch.load` a Lightning checkpoint on CPU; a corrupt or truncated file is a one-line ConfigError."""
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """`torch.load(weights_only=True)` a Lightning checkpoint on CPU: tensors and plain containers only, so
+    nothing inside the file runs. A file whose pickle asks for more (a class, a function call) is refused,
+    and a corrupt or truncated one reported, in one ConfigError line. `mmap` maps the tensors instead of
+    reading them (a cheap safety check before Lightning loads the file)."""
     check_checkpoint(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError... on damaged files
-        raise ConfigError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {err})") from None
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        reason = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|$)", str(err), flags=re.M)
+        raise ConfigError(f"checkpoint {path} is refused: it holds more than weights "
+                          f"({reason[1] if reason else str(err).splitlines()[0]})") from None
+    except Exception as err:  # torch raises RuntimeError, EOFError... on damaged files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ConfigError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {first})") from None
+
+
+def load_state_dict_strict(module: torch.nn.Module, state: dict, source: str) -> None:
+    """`load_state_dict(strict=True)`, with a mismatch reported in one line: counts and the first keys."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ConfigError(f"{source} does not match the model: {len(missing)} missing keys {missing[:3]}, "
+                          f"{len(unexpected)} unexpected keys {unexpected[:3]}")
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:  # shape mismatches
+        raise ConfigError(f"{source} does not match the model: {str(err).splitlines()[-1].strip()}") from None

@@ -6,14 +6,14 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+
+from tsparse.checks import ConfigError, check_choice, check_positive
+from tsparse.registry import KINDS
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 _CHECKOUT_ROOT = PACKAGE_DIR.parents[1]
-
-
-class ConfigError(ValueError):
-    """A bad config key or value; the message is one line naming the key and the allowed values."""
 
 
 def config_dir() -> Path:
@@ -47,16 +47,15 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
-def check_choice(key: str, value: Any, allowed: Iterable[Any]) -> None:
-    allowed = list(allowed)
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {allowed}")
+def register_schemas() -> None:
+    """Each module kind's spec dataclass is the schema of its config group (`<kind>/schema`), so a
+    wrong type or an unknown key fails when Hydra composes the config."""
+    store = ConfigStore.instance()
+    for name, kind in KINDS.items():
+        store.store(group=name, name="schema", node=kind.spec)
 
 
-def check_positive(key: str, value: Any, *, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise ConfigError(f"{key}={value!r} must be a {'non-negative' if allow_zero else 'positive'} number")
+register_schemas()
 
 
 def validate(cfg: DictConfig) -> None:
@@ -70,17 +69,19 @@ def validate(cfg: DictConfig) -> None:
     check_choice("optim.on_non_finite", cfg.optim.on_non_finite, ["stop", "skip"])
     check_positive("optim.grad_clip", cfg.optim.grad_clip, allow_zero=True)
     check_positive("optim.warmup_steps", cfg.optim.warmup_steps, allow_zero=True)
-    scale = cfg.optim.table_lr_scale
-    for group, value in (scale.items() if isinstance(scale, DictConfig) else [(None, scale)]):
-        if group is not None:
-            check_choice("optim.table_lr_scale group", group, ["engram", "peer"])
-        check_positive("optim.table_lr_scale" + (f".{group}" if group else ""), value)
     check_positive("trainer.max_steps", cfg.trainer.max_steps)
-    if cfg.get("export_dir") and cfg.sparse.modules:
-        raise ConfigError(f"export_dir saves a plain HF model, so it needs sparse=none (got sparse.modules="
-                          f"{list(cfg.sparse.modules)})")
+    module_specs(cfg)
     if cfg.ckpt_path is not None and not isinstance(cfg.ckpt_path, str):
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} must be null, 'last', 'auto' or a path to a .ckpt file")
+
+
+def module_specs(cfg: DictConfig) -> dict:
+    """The typed spec of each kind in `cfg.sparse.modules` (checked by its `__post_init__`)."""
+    specs = {}
+    for name in cfg.sparse.modules:
+        check_choice("sparse.modules[]", name, KINDS)
+        specs[name] = KINDS[name].spec(**to_container(cfg[name]))
+    return specs
 
 
 def to_container(cfg: DictConfig) -> dict:

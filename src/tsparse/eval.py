@@ -10,8 +10,8 @@ validation during training.
 
     python -m tsparse.eval PATH [--split test] [--context 256] [--stride 128] [--data-dir DIR | --hub]
 
-PATH is a Hugging Face model directory (config.json) or a tsparse run directory (config.yaml and
-checkpoints/last.ckpt), or a .ckpt file inside a run directory.
+PATH is a Hugging Face model directory (an export, `save_pretrained`), a hub id, a tsparse run
+directory (its --checkpoint) or a .ckpt file inside a run directory.
 """
 from __future__ import annotations
 
@@ -66,25 +66,24 @@ def perplexity(model: nn.Module, tokenizer, text: str, context: int, stride: int
             "scored_tokens": count, "words": words, "context": context, "stride": stride}
 
 
-def load_for_eval(path: Path):
-    """(model, tokenizer, run config or None) from an HF dir, a run dir or a checkpoint file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_for_eval(path: Path, checkpoint: str = "last"):
+    """(model, tokenizer, run config or None) from an HF dir, a hub id, a run dir or a .ckpt in one."""
+    from tsparse.export import load_model
 
-    if (path / "config.json").is_file():
-        return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), None
-    ckpt = path if path.is_file() else path / "checkpoints" / "last.ckpt"
-    run_dir = ckpt.parent.parent
-    if not ckpt.is_file() or not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{path} is neither an HF model dir (config.json) nor a tsparse run dir "
-                          "(config.yaml + checkpoints/last.ckpt)")
-    from tsparse.build import build_datamodule, build_model
-    from tsparse.checkpoint import load_checkpoint
+    run_dir = path.parent.parent if path.suffix == ".ckpt" else path
+    run_cfg = OmegaConf.load(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    model, tokenizer = load_model(path, checkpoint)
+    return model, tokenizer, run_cfg
 
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    model, tokenizer = build_model(cfg, build_datamodule(cfg))
-    state = load_checkpoint(ckpt)["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    return model, tokenizer, cfg
+
+def split_texts(run_cfg, data_dir: str | None = None, hub: bool = False) -> dict[str, str]:
+    """WikiText-2 splits: from the hub, from `data_dir`, from the run's data config, or the local copy."""
+    if hub:
+        return load_wikitext("hub")
+    if data_dir or run_cfg is None:
+        return load_wikitext("local", data_dir or str(Path(project_root()) / ".." / "shared" / "data" / "wikitext-2"))
+    data = run_cfg.data
+    return load_wikitext(data.source, data.data_dir, data.hub_name, data.hub_config)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -94,20 +93,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--stride", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--checkpoint", default="last", help="for a run dir: best, last (default) or a .ckpt path")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data-dir", help="local folder with train/validation/test.txt (default: the run's data)")
     source.add_argument("--hub", action="store_true", help="WikiText-2 from the HF hub")
     parser.add_argument("--output", type=Path, help="also write the result as JSON here")
     args = parser.parse_args(argv)
     try:
-        model, tokenizer, cfg = load_for_eval(args.path)
-        if args.hub:
-            texts = load_wikitext("hub")
-        elif args.data_dir or cfg is None:
-            data_dir = args.data_dir or str(Path(project_root()) / ".." / "shared" / "data" / "wikitext-2")
-            texts = load_wikitext("local", data_dir)
-        else:
-            texts = load_wikitext(cfg.data.source, cfg.data.data_dir, cfg.data.hub_name, cfg.data.hub_config)
+        model, tokenizer, cfg = load_for_eval(args.path, args.checkpoint)
+        texts = split_texts(cfg, args.data_dir, args.hub)
         result = perplexity(model, tokenizer, texts[args.split], args.context, args.stride, args.batch_size)
     except (ConfigError, HubUnreachableError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from tsparse.augment import param_groups
+from tsparse.registry import trainable_groups
 from tsparse.optim import SparseAwareAdamW, grad_norm_and_clip_
 
 
@@ -17,7 +17,7 @@ class NonFiniteError(FloatingPointError):
 
 
 class CausalLMModule(L.LightningModule):
-    """Trains the named parameter groups (engram, peer, mhc, base; see `augment.param_groups`) on
+    """Trains the named parameter groups (`registry.PARAM_GROUPS`: each kind, its tables, the base) on
     packed token blocks. `optim["base"]` says how the base is trained (frozen, finetune, lora).
 
     `tokens_per_word` maps a split to its token/word ratio so that word-level perplexity (comparable
@@ -83,15 +83,13 @@ class CausalLMModule(L.LightningModule):
         self._log_perplexities(self.test_nll, "test", "test")
 
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
-        return param_groups(self.model, self.optim_cfg["base"])
+        return trainable_groups(self.model, self.optim_cfg["base"])
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        scale = cfg.get("table_lr_scale", 1.0)
-        groups = [{"name": name, "params": params, "table_lr_scale": scale.get(name, 1.0) if isinstance(scale, dict) else scale}
-                  for name, params in self.trainable_groups().items() if params]
-        return SparseAwareAdamW(groups, lr=cfg.get("lr", 1e-3), betas=cfg["betas"], eps=cfg["eps"],
-                                weight_decay=cfg["weight_decay"])
+        groups = [{"name": name, "params": params} for name, params in self.trainable_groups().items() if params]
+        # lr=0: PhaseLRCallback sets every group's LR from the phase schedule before each step.
+        return SparseAwareAdamW(groups, lr=0.0, betas=cfg["betas"], eps=cfg["eps"], weight_decay=cfg["weight_decay"])
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Sparse-aware global-norm clipping (torch's clip_grad_norm_ rejects sparse grads)."""

@@ -1,4 +1,5 @@
-"""Load the base causal LM and its tokenizer: micro LLaMA (offline), TinyLlama, or any local HF dir."""
+"""Build the run's `TsparseForCausalLM` and tokenizer: a fresh micro LLaMA (offline), TinyLlama, or
+any local HF checkpoint as the base, with the configured sparse modules attached."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,34 +7,18 @@ from typing import Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, LlamaConfig
 
-from tsparse.config import ConfigError
+from tsparse.checks import ConfigError, check_choice
 from tsparse.hub import require_hub
+from tsparse.modeling import TsparseConfig, TsparseForCausalLM
 from tsparse.tokenizer import load_or_train_bpe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _dtype(cfg: DictConfig) -> torch.dtype:
-    if cfg.dtype not in DTYPES:
-        raise ConfigError(f"model.dtype={cfg.dtype!r} is not allowed; choose one of {list(DTYPES)}")
-    return DTYPES[cfg.dtype]
-
-
-def build_micro(cfg: DictConfig, train_text: Callable[[], str]):
-    """A fresh micro LLaMA and a BPE tokenizer trained on the training split."""
-    tokenizer = load_or_train_bpe(train_text(), cfg.config.vocab_size, cfg.tokenizer_dir)
-    config = LlamaConfig(
-        **OmegaConf.to_container(cfg.config, resolve=True),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return LlamaForCausalLM(config).to(_dtype(cfg)), tokenizer
-
-
-def load_pretrained(cfg: DictConfig) -> tuple[PreTrainedModel, object]:
-    """`from_pretrained` on a local directory or a hub id (fails fast offline)."""
+def _base_path(cfg: DictConfig) -> str:
+    """`model.name_or_path`: a local HF dir, or a hub id (fails fast offline)."""
     path = str(cfg.name_or_path)
     if not Path(path).is_dir():
         if cfg.kind == "micro" or path.startswith(("/", ".")):
@@ -42,15 +27,33 @@ def load_pretrained(cfg: DictConfig) -> tuple[PreTrainedModel, object]:
                 "`python -m tsparse.train +experiment=pretrain_micro` or point it at a local HF checkpoint"
             )
         require_hub(f"model.name_or_path={path!r}", "model=micro or model.name_or_path=<local HF checkpoint dir>")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(cfg))
-    return model, tokenizer
+    return path
 
 
-def load_base(cfg: DictConfig, train_text: Callable[[], str]):
-    """The (model, tokenizer) pair the run starts from; `train_text` is only called to train a tokenizer."""
+def base_with_modules(cfg: DictConfig, specs: dict, hash_seed: int, train_text: Callable[[], str]):
+    """(model, tokenizer): the base of `cfg` (the `model` group) with `specs` attached. A pretrained
+    base is loaded with `from_pretrained`, so the modules start fresh and the model is an identity of
+    it; `model.from_scratch` builds a micro LLaMA with a BPE tokenizer trained on `train_text()`."""
+    check_choice("model.dtype", cfg.dtype, DTYPES)
+    dtype = DTYPES[cfg.dtype]
     if cfg.from_scratch:
         if cfg.kind != "micro":
             raise ConfigError(f"model.from_scratch=true needs model=micro, got model.kind={cfg.kind!r}")
-        return build_micro(cfg, train_text)
-    return load_pretrained(cfg)
+        tokenizer = load_or_train_bpe(train_text(), cfg.config.vocab_size, cfg.tokenizer_dir)
+        base = LlamaConfig(**OmegaConf.to_container(cfg.config, resolve=True),
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        config = TsparseConfig.from_base(base, specs, hash_seed, tokenizer)
+        return TsparseForCausalLM(config).to(dtype), tokenizer
+    path = _base_path(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = TsparseConfig.from_base(AutoConfig.from_pretrained(path), specs, hash_seed, tokenizer)
+    return TsparseForCausalLM.from_pretrained(path, config=config, dtype=dtype), tokenizer
+
+
+def architecture_model(cfg: DictConfig) -> TsparseForCausalLM:
+    """The architecture of `cfg.model.config` with the configured modules, at random init (nothing is
+    downloaded); build it under `torch.device("meta")` to count parameters without allocating."""
+    from tsparse.config import module_specs
+
+    base = LlamaConfig(**OmegaConf.to_container(cfg.model.config, resolve=True))
+    return TsparseForCausalLM(TsparseConfig.from_base(base, module_specs(cfg), cfg.seed))

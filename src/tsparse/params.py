@@ -10,10 +10,10 @@ import sys
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from tsparse.augment import augment, params_by_group
-from tsparse.config import ConfigError, config_dir, to_container
+from tsparse.config import ConfigError, config_dir
+from tsparse.models import architecture_model
+from tsparse.registry import KINDS, params_by_group
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -24,14 +24,12 @@ def compose_config(overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def build_on_meta(cfg: DictConfig):
-    """The augmented model with the architecture of `cfg.model.config`, on the meta device."""
-    with torch.device("meta"):
-        return augment(LlamaForCausalLM(LlamaConfig(**to_container(cfg.model.config))), cfg)
-
-
 def count(cfg: DictConfig) -> dict[str, int]:
-    counts = {g: sum(p.numel() for _, p in named) for g, named in params_by_group(build_on_meta(cfg)).items()}
+    """Parameters of the base and of each kind (its tables included), counted on the meta device."""
+    with torch.device("meta"):
+        groups = params_by_group(architecture_model(cfg))
+    counts = {"base": sum(p.numel() for _, p in groups["base"])}
+    counts.update({name: sum(p.numel() for g in kind.groups for _, p in groups[g]) for name, kind in KINDS.items()})
     counts["total"] = sum(counts.values())
     return counts
 
@@ -51,7 +49,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    groups = ["base", "engram", "peer", "mhc", "total"]
+    groups = ["base", *KINDS, "total"]
     print("| experts | " + " | ".join(groups) + " |")
     print("|---:|" + "---:|" * len(groups))
     for row in rows:

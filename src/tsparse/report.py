@@ -34,7 +34,7 @@ from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
-from tsparse.augment import MODULE_TYPES
+from tsparse.registry import KINDS
 from tsparse.config import ConfigError
 
 REFERENCES = ("baseline", "finetune_control")
@@ -92,7 +92,8 @@ class Run:
     @property
     def trainable_params(self) -> int:
         params = self.results.get("params", {})
-        trainable = [*MODULE_TYPES, *(["base"] if OmegaConf.select(self.cfg, "optim.base") != "frozen" else [])]
+        trainable = [g for kind in KINDS.values() for g in kind.groups]
+        trainable += ["base"] if OmegaConf.select(self.cfg, "optim.base") != "frozen" else []
         return sum(params.get(group, 0) for group in trainable)
 
     @cached_property
@@ -178,13 +179,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 # Module diagnostics: (column, metrics.csv column pattern, averaged over the matching layers).
 DIAGNOSTICS = (
-    ("engram out/in RMS", re.compile(r"stats/engram\.L\d+/out_rms_ratio")),
-    ("peer out/in RMS", re.compile(r"stats/peer\.L\d+/out_rms_ratio")),
-    ("mhc write/in RMS", re.compile(r"stats/mhc\.L\d+/out_rms_ratio")),
+    *((f"{name} {stat}", re.compile(rf"stats/{name}\.L\d+/{stat}")) for name, kind in KINDS.items() for stat in kind.stats),
     ("engram/peer RMS", re.compile(r"stats/engram_to_peer_rms")),
-    ("engram gate mean", re.compile(r"stats/engram\.L\d+/gate_mean")),
-    ("peer experts used", re.compile(r"stats/peer\.L\d+/usage_fraction")),
-    ("mhc ‖H_res − I‖", re.compile(r"stats/mhc\.L\d+/h_res_identity_dist")),
 )
 
 

@@ -6,7 +6,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -17,14 +16,15 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from tsparse.augment import params_by_group
 from tsparse.build import build_datamodule, build_model
 from tsparse.callbacks import PhaseLRCallback, TokenThroughput, check_schedule_fits, parse_phases
 from tsparse.checkpoint import check_checkpoint, newest_valid_checkpoint
 from tsparse.config import ConfigError, config_dir, to_container, validate
+from tsparse.export import save_model, save_run_model_card
 from tsparse.hub import HubUnreachableError
 from tsparse.lit_module import CausalLMModule, NonFiniteError
 from tsparse.loggers import use_wandb_offline_without_key
+from tsparse.registry import params_by_group
 
 log = logging.getLogger("tsparse")
 
@@ -77,20 +77,19 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def export_pretrained(model, tokenizer, target: str | Path) -> None:
-    """save_pretrained into a staging dir, then swap it in, so `target` is never half-written."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    if target.exists():
-        old = target.with_name(f".{target.name}-old-{os.getpid()}")
-        target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old)
-    else:
-        staging.rename(target)
+def base_test_ppl(cfg: DictConfig, module: CausalLMModule, datamodule, run_dir: Path) -> float | None:
+    """Test perplexity of the model before training, i.e. of the base (every module starts as an
+    identity); measured once per run dir and kept in base_results.json, so a resume reuses it."""
+    path = run_dir / "base_results.json"
+    if not path.is_file():
+        if cfg.trainer.devices != 1:
+            return None
+        tester = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision,
+                           logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                           enable_model_summary=False, limit_test_batches=cfg.trainer.limit_test_batches)
+        metrics = tester.test(module, datamodule=datamodule, verbose=False)[0]
+        write_atomic(path, json.dumps({k: float(v) for k, v in metrics.items()}, indent=2))
+    return json.loads(path.read_text()).get("test/ppl")
 
 
 def finished_results(cfg: DictConfig, run_dir: Path) -> dict | None:
@@ -119,9 +118,11 @@ def run(cfg: DictConfig) -> dict:
 
     datamodule = build_datamodule(cfg)
     model, tokenizer = build_model(cfg, datamodule)
+    save_run_model_card(run_dir, model, tokenizer)
     datamodule.setup()
     module = CausalLMModule(model, to_container(cfg.optim),
                             tokens_per_word={s: datamodule.tokens_per_word(s) for s in ("validation", "test")})
+    base_ppl = base_test_ppl(cfg, module, datamodule, run_dir) if cfg.train and cfg.test and cfg.test_base else None
     log.info("trainable params: %s", {k: sum(p.numel() for p in v) for k, v in module.trainable_groups().items()})
 
     # The phase callback goes first so that LR monitors see this step's LRs.
@@ -144,12 +145,22 @@ def run(cfg: DictConfig) -> dict:
                    skipped_steps=module.skipped_steps,
                    train_tokens_per_sec=throughput.average if throughput else None,
                    params={k: sum(p.numel() for _, p in v) for k, v in params_by_group(model).items()})
+    if base_ppl is not None:
+        results["base/test_ppl"] = base_ppl
     if cfg.export_dir and trainer.is_global_zero:
-        export_pretrained(model.lm, tokenizer, cfg.export_dir)
+        if cfg.optim.base == "lora":
+            from tsparse.lora import merge_lora
+
+            merge_lora(model)
+        save_model(model, tokenizer, cfg.export_dir)
         log.info("exported the trained model to %s", cfg.export_dir)
     if trainer.is_global_zero:
         write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
         log.info("results: %s", json.dumps(results))
+        if base_ppl is not None and "test/ppl" in results:
+            ppl = results["test/ppl"]
+            print(f"{cfg.experiment_name}: test ppl {ppl:.2f} vs base {base_ppl:.2f} "
+                  f"({100 * (ppl - base_ppl) / base_ppl:+.2f}%)", flush=True)
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()  # the next multirun job starts its own W&B run

@@ -1,12 +1,14 @@
 """Engram gate maps: the gate per token over a text, and the n-grams it opens or closes for.
 
-    python -m tsparse.viz RUN_DIR [--text "..."] [--split test] [--max-tokens 4096] [--top 20] [--out DIR] [--wandb]
+    python -m tsparse.viz PATH [--text "..."] [--split test] [--max-tokens 4096] [--top 20] [--out DIR] [--wandb]
+
+PATH is a run dir or an exported model dir (`python -m tsparse.export`).
 
 A forward pre-hook on each Engram module captures its (hidden, input_ids) inputs during a forward
 pass of the model; the module is then called again with `return_gate=True` to read the gate alpha
 of every token. The model reads text in windows of the run's `data.block_size` tokens, batched.
 
-Writes into --out (default: RUN_DIR/viz):
+Writes into --out (default: PATH/viz):
 - engram_gate_L<i>.png: the gate of layer i over --text (default: the first 60 tokens of the split),
   one labelled cell per token in rows of 12, colour = gate;
 - engram_ngrams.md: per layer and n-gram order, the trailing n-grams (decoded) with the highest and
@@ -29,10 +31,8 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from tsparse.callbacks.module_stats import tracked_modules
 from tsparse.config import ConfigError
-from tsparse.data import load_wikitext
-from tsparse.eval import load_for_eval
+from tsparse.eval import load_for_eval, split_texts
 from tsparse.hub import HubUnreachableError
 from tsparse.modules.engram import Engram
 
@@ -45,8 +45,8 @@ LEFT, RIGHT, TOP, BOTTOM = 25, 125, 75, 25
 
 def engram_modules(model: nn.Module) -> dict[int, Engram]:
     """Decoder layer index -> Engram module of an augmented model."""
-    return {int(name.removeprefix("engram.L")): module for name, module in tracked_modules(model).items()
-            if name.startswith("engram.")}
+    modules = model.sparse_modules() if hasattr(model, "sparse_modules") else {}
+    return {int(name.removeprefix("engram.L")): module for name, module in modules.items() if name.startswith("engram.")}
 
 
 @torch.no_grad()
@@ -141,54 +141,52 @@ def plot_gate_heatmap(labels: list[str], gates: list[float], title: str, path: P
     fig.savefig(path, dpi=DPI)
 
 
-def log_to_wandb(cfg: DictConfig, images: dict[str, Path], out: Path) -> None:
+def log_to_wandb(cfg: DictConfig | None, name: str, images: dict[str, Path], out: Path) -> None:
     """Log the heatmaps to a `viz` run in the training run's W&B project and group."""
     import wandb
 
     from tsparse.loggers import use_wandb_offline_without_key
 
     use_wandb_offline_without_key()
-    project = OmegaConf.select(cfg, "logger.wandb.project", default="tsparse")
-    with wandb.init(project=project, group=cfg.experiment_name, name=f"{cfg.run_name}/viz", job_type="viz",
-                    dir=out) as run:
+    project = OmegaConf.select(cfg, "logger.wandb.project", default="tsparse") if cfg is not None else "tsparse"
+    group = cfg.experiment_name if cfg is not None else "viz"
+    with wandb.init(project=project, group=group, name=f"{name}/viz", job_type="viz", dir=out) as run:
         run.log({f"engram/{name}": wandb.Image(str(path)) for name, path in images.items()})
 
 
 def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser = argparse.ArgumentParser(prog="python -m tsparse.viz", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    parser.add_argument("path", type=Path, metavar="PATH", help="a run dir or an exported HF model dir")
     parser.add_argument("--text", help=f"text of the heatmaps (default: the first {DEFAULT_TEXT_TOKENS} tokens of the split)")
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
     parser.add_argument("--max-tokens", type=int, default=4096, help="tokens of the split for the n-gram tables")
     parser.add_argument("--top", type=int, default=20, help="n-grams listed at each end")
-    parser.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/viz)")
+    parser.add_argument("--out", type=Path, help="output folder (default: PATH/viz)")
+    parser.add_argument("--context", type=int, help="window length (default: the run's data.block_size, else 256)")
+    parser.add_argument("--data-dir", help="local WikiText-2 folder (default: the run's data, else ../shared)")
     parser.add_argument("--wandb", action="store_true", help="also log the heatmaps to W&B")
     args = parser.parse_args(argv)
     try:
-        config_path = args.run_dir / "config.yaml"
-        if not config_path.is_file():
-            raise ConfigError(f"{args.run_dir} is not a tsparse run dir (no config.yaml)")
-        modules = list(OmegaConf.load(config_path).sparse.modules)
-        if "engram" not in modules:
-            raise ConfigError(f"{args.run_dir} has no Engram module (sparse.modules={modules}); "
-                              "train one with sparse=engram, hybrid or triple")
-        model, tokenizer, cfg = load_for_eval(args.run_dir)
-        split_text = load_wikitext(cfg.data.source, cfg.data.data_dir, cfg.data.hub_name, cfg.data.hub_config)[args.split]
+        model, tokenizer, cfg = load_for_eval(args.path)
+        if not engram_modules(model):
+            raise ConfigError(f"{args.path} has no Engram module; train one with sparse=engram, hybrid or triple")
+        split_text = split_texts(cfg, args.data_dir)[args.split]
     except (ConfigError, HubUnreachableError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
-    context = cfg.data.block_size
+    context = args.context or (cfg.data.block_size if cfg is not None else 256)
+    name = cfg.run_name if cfg is not None else args.path.name
     split_ids = tokenizer(split_text)["input_ids"][: args.max_tokens]
     text_ids = tokenizer(args.text)["input_ids"] if args.text else split_ids[:DEFAULT_TEXT_TOKENS]
-    out = args.out or args.run_dir / "viz"
+    out = args.out or args.path / "viz"
     out.mkdir(parents=True, exist_ok=True)
 
     labels = [token_label(tokenizer, i) for i in text_ids]
     images = {}
     for layer, gate in engram_gates(model, torch.tensor(text_ids), context).items():
         images[f"gate_L{layer}"] = out / f"engram_gate_L{layer}.png"
-        plot_gate_heatmap(labels, gate.tolist(), f"Engram gate α, layer {layer}: {cfg.run_name}", images[f"gate_L{layer}"])
+        plot_gate_heatmap(labels, gate.tolist(), f"Engram gate α, layer {layer}: {name}", images[f"gate_L{layer}"])
 
     orders = sorted({n for module in engram_modules(model).values() for n in module.orders})
     gates = engram_gates(model, torch.tensor(split_ids), context)
@@ -196,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     ngrams_path = out / "engram_ngrams.md"
     ngrams_path.write_text(ngram_report(tokenizer, split_ids, gates, orders, context, args.top, source))
     if args.wandb:
-        log_to_wandb(cfg, images, out)
+        log_to_wandb(cfg, name, images, out)
     print(f"wrote {', '.join(p.name for p in images.values())} and {ngrams_path.name} to {out}")
     return {**images, "ngrams": ngrams_path}
 

@@ -1,5 +1,8 @@
-"""Sparse modules: PEER, Engram, mHC."""
+"""Sparse modules: PEER, Engram, mHC, each with the typed spec (dataclass) that configures it."""
+import torch
 from torch import Tensor
+
+TABLE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def rms_ratio(out: Tensor, ref: Tensor) -> Tensor:

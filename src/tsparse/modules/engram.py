@@ -9,19 +9,80 @@ causal depthwise conv. The output projection and the conv start at zero, so y ==
 from __future__ import annotations
 
 import math
+import re
+import unicodedata
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from tsparse.modules import rms_ratio
+from tsparse.checks import ConfigError, check_choice, check_layers, check_min
+from tsparse.modules import TABLE_DTYPES, rms_ratio
 
 # Multipliers are drawn below 2**31, so for ids below 2**32 every product fits in int64: no overflow.
 _MULTIPLIER_BOUND = 2**31
 # Floor under the gate's signed sqrt: keeps its gradient finite (<= 1 / (2 * sqrt(1e-6)) = 500) at s = 0.
 _GATE_SQRT_FLOOR = 1e-6
+
+
+@dataclass
+class EngramSpec:
+    """Engram hyperparameters and placement (the `engram` config group; seed defaults)."""
+
+    layers: list[int] = field(default_factory=list)   # decoder layers whose input Engram is added to
+    orders: list[int] = field(default_factory=lambda: [2, 3])
+    heads_per_order: int = 8
+    dim_per_order: int = 256
+    table_rows: int = 100_000   # per head; each head uses its own distinct prime >= this
+    conv_kernel: int = 4
+    compress_tokens: bool = False  # hash normalised token ids (DeepSeek's compressed tokenizer)
+    table_dtype: str = "float32"   # float32 | bfloat16 (storage only)
+    sparse_grad: bool = True       # row-sparse table grads + row-wise AdaGrad; false: dense grads + AdamW
+
+    def __post_init__(self):
+        check_layers("engram.layers", self.layers)
+        orders = list(self.orders)
+        if not orders or len(set(orders)) != len(orders) or any(
+                not isinstance(n, int) or isinstance(n, bool) or n < 2 for n in orders):
+            raise ConfigError(f"engram.orders={orders} must be distinct integers >= 2, e.g. [2, 3]")
+        check_min("engram.heads_per_order", self.heads_per_order, 1)
+        check_min("engram.dim_per_order", self.dim_per_order, 1)
+        if self.dim_per_order % self.heads_per_order:
+            raise ConfigError(f"engram.dim_per_order={self.dim_per_order} must be a multiple of "
+                             f"engram.heads_per_order={self.heads_per_order}")
+        check_min("engram.table_rows", self.table_rows, 2)
+        check_min("engram.conv_kernel", self.conv_kernel, 1)
+        check_choice("engram.table_dtype", self.table_dtype, TABLE_DTYPES)
+
+
+def draw_multipliers(seed: int, layer: int, max_order: int) -> list[int]:
+    """Odd hash multipliers of one Engram layer, from a local CPU generator (the global RNG is untouched)."""
+    g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + layer)
+    return (torch.randint(0, _MULTIPLIER_BOUND, (max_order,), generator=g) | 1).tolist()
+
+
+def normalize_token_text(text: str) -> str:
+    """DeepSeek's compressed-tokenizer rule: NFKC, NFD, strip accents, lowercase, collapse whitespace
+    (a whitespace-only token stays one space)."""
+    text = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", text))
+    text = "".join(c for c in text if unicodedata.category(c) != "Mn").lower()
+    text = re.sub(r"\s+", " ", text)
+    return text if text == " " else text.strip()
+
+
+def compressed_token_map(tokenizer, vocab_size: int) -> list[int]:
+    """Map each id to a shared id per normalised token text. Tokens whose text contains U+FFFD (partial
+    UTF-8 bytes) are keyed by their raw token string, and tokens normalising to "" keep their own text."""
+    canonical: dict[str, int] = {}
+    ids = []
+    for i in range(vocab_size):
+        text = tokenizer.decode([i])
+        key = tokenizer.convert_ids_to_tokens(i) if "\ufffd" in text else (normalize_token_text(text) or text)
+        ids.append(canonical.setdefault(key, len(canonical)))
+    return ids
 
 
 def ngram_hash_ids(input_ids: Tensor, multipliers: Tensor, order: int, pad_id: int) -> Tensor:
@@ -63,11 +124,6 @@ def distinct_primes(start: int, count: int, exclude: Iterable[int] = ()) -> list
     return primes
 
 
-def _check(ok: bool, key: str, allowed: str, value) -> None:
-    if not ok:
-        raise ValueError(f"engram: {key} must be {allowed}, got {value!r}")
-
-
 class Engram(nn.Module):
     """Hashed n-gram memory with a context gate (DeepSeek Engram, 2026).
 
@@ -75,98 +131,70 @@ class Engram(nn.Module):
         k = RMSNorm(W_K e),  q = RMSNorm(h),  s = <k, q> / sqrt(dim)
         alpha = sigmoid(sign(s) * sqrt(max(|s|, 1e-6)))    # differentiable signed sqrt
         v = alpha * W_V e,   y = v + SiLU(CausalDepthwiseConv(RMSNorm(v)))
-    The caller adds y to the layer input. Set `track_stats = True` to record `self.stats`.
+    The caller adds y to the layer input. `multipliers` are the layer's hash multipliers
+    (`draw_multipliers`), `token_map` the optional compressed-token map. Set `track_stats = True`
+    to record `self.stats`.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        layer_index: int,
-        orders: Sequence[int] = (2, 3),
-        heads_per_order: int = 8,
-        dim_per_order: int = 256,
-        table_rows: int = 100_000,
-        conv_kernel: int = 4,
-        seed: int = 0,
-        pad_id: int = 0,
-        token_map: Tensor | None = None,
-        table_dtype: torch.dtype = torch.float32,
-        sparse_grad: bool = True,
-        norm_eps: float = 1e-5,
-    ):
+    def __init__(self, dim: int, spec: EngramSpec, multipliers: Sequence[int], pad_id: int = 0,
+                 token_map: Sequence[int] | None = None, norm_eps: float = 1e-5):
         super().__init__()
-        orders = tuple(orders)
-        _check(dim >= 1, "dim", "an int >= 1", dim)
-        _check(
-            len(orders) > 0
-            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 2 for n in orders)
-            and len(set(orders)) == len(orders),
-            "orders", "a non-empty sequence of distinct ints >= 2, e.g. (2, 3)", orders,
-        )
-        _check(heads_per_order >= 1, "heads_per_order", "an int >= 1", heads_per_order)
-        _check(
-            dim_per_order >= 1 and dim_per_order % heads_per_order == 0,
-            "dim_per_order", f"a positive multiple of heads_per_order={heads_per_order}", dim_per_order,
-        )
-        _check(table_rows >= 2, "table_rows", "an int >= 2", table_rows)
-        _check(conv_kernel >= 1, "conv_kernel", "an int >= 1", conv_kernel)
-        _check(
-            token_map is None or (token_map.dim() == 1 and not token_map.is_floating_point()),
-            "token_map", "None or a 1-D integer tensor [vocab]",
-            None if token_map is None else token_map.shape,
-        )
-
-        self.dim, self.layer_index, self.orders = dim, layer_index, orders
-        self.seed, self.pad_id = seed, pad_id
-        self.heads_per_order, self.dim_per_order, self.table_rows = heads_per_order, dim_per_order, table_rows
-        self.num_heads = len(orders) * heads_per_order
-        self.head_dim = dim_per_order // heads_per_order
-        self.sparse_grad = sparse_grad
+        check_min("dim", dim, 1)
+        orders = tuple(spec.orders)
+        if len(multipliers) < max(orders):
+            raise ConfigError(f"engram multipliers: need {max(orders)}, got {len(multipliers)}")
+        self.dim, self.orders, self.pad_id = dim, orders, pad_id
+        self.heads_per_order, self.dim_per_order, self.table_rows = spec.heads_per_order, spec.dim_per_order, spec.table_rows
+        self.num_heads = len(orders) * spec.heads_per_order
+        self.head_dim = spec.dim_per_order // spec.heads_per_order
+        self.sparse_grad = spec.sparse_grad
         self.track_stats = False
         self.stats: dict[str, Tensor] = {}
 
         # Head j hashes order orders[j // heads_per_order] into rows offsets[j] .. offsets[j] + primes[j] - 1.
-        self.primes_list = distinct_primes(table_rows, self.num_heads)
-        self.register_buffer("multipliers", torch.empty(max(orders), dtype=torch.long))
+        # The hash buffers are derived (from the config), so they are not saved with the weights.
+        self.primes_list = distinct_primes(spec.table_rows, self.num_heads)
+        self._multipliers = list(multipliers)
+        self._token_map = None if token_map is None else list(token_map)
+        self.register_buffer("multipliers", torch.empty(len(multipliers), dtype=torch.long), persistent=False)
         self.register_buffer("primes", torch.empty(self.num_heads, dtype=torch.long), persistent=False)
         self.register_buffer("offsets", torch.empty(self.num_heads, dtype=torch.long), persistent=False)
-        self._token_map_src = None if token_map is None else token_map.detach().to("cpu", torch.long).clone()
-        self.register_buffer(
-            "token_map", None if token_map is None else torch.empty(len(token_map), dtype=torch.long)
-        )
+        self.register_buffer("token_map", None if token_map is None else torch.empty(len(token_map), dtype=torch.long),
+                             persistent=False)
 
         # nn.Embedding(sparse=...) so that DistributedDataParallel knows its grads are sparse.
-        self.table = nn.Embedding(sum(self.primes_list), self.head_dim, sparse=sparse_grad, dtype=table_dtype)
-        e_dim = len(orders) * dim_per_order
+        self.table = nn.Embedding(sum(self.primes_list), self.head_dim, sparse=spec.sparse_grad,
+                                  dtype=TABLE_DTYPES[spec.table_dtype])
+        e_dim = len(orders) * spec.dim_per_order
         self.key_proj = nn.Linear(e_dim, dim, bias=False)
         self.value_proj = nn.Linear(e_dim, dim, bias=False)
         self.norm_k = nn.RMSNorm(dim, eps=norm_eps)
         self.norm_q = nn.RMSNorm(dim, eps=norm_eps)
         self.norm_v = nn.RMSNorm(dim, eps=norm_eps)
-        self.conv_pad = (conv_kernel - 1) * max(orders)
-        self.conv = nn.Conv1d(dim, dim, conv_kernel, groups=dim, dilation=max(orders), bias=False)
+        self.conv_pad = (spec.conv_kernel - 1) * max(orders)
+        self.conv = nn.Conv1d(dim, dim, spec.conv_kernel, groups=dim, dilation=max(orders), bias=False)
         self.reset_parameters()
-
-    def _draw_multipliers(self) -> Tensor:
-        # Local CPU generator: deterministic across processes and devices, global RNG untouched.
-        g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.layer_index)
-        return torch.randint(0, _MULTIPLIER_BOUND, (max(self.orders),), generator=g, device="cpu") | 1
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Init weights and (re)fill the hash buffers: `to_empty()` + `reset_parameters()` after meta init."""
-        primes = torch.tensor(self.primes_list, dtype=torch.long)
-        self.multipliers.copy_(self._draw_multipliers())
-        self.primes.copy_(primes)
-        self.offsets.copy_(torch.cumsum(primes, 0) - primes)
-        if self.token_map is not None:
-            self.token_map.copy_(self._token_map_src)
+        """Init weights (y == 0 exactly) and fill the hash buffers."""
         nn.init.normal_(self.table.weight, std=0.02)
         self.key_proj.reset_parameters()
-        nn.init.zeros_(self.value_proj.weight)  # init rule: y == 0 exactly
+        nn.init.zeros_(self.value_proj.weight)
         nn.init.zeros_(self.conv.weight)
         for norm in (self.norm_k, self.norm_q, self.norm_v):
             norm.reset_parameters()
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Refill the derived hash buffers (after `to_empty` or a meta-device load)."""
+        primes = torch.tensor(self.primes_list, dtype=torch.long)
+        self.multipliers.copy_(torch.tensor(self._multipliers, dtype=torch.long))
+        self.primes.copy_(primes)
+        self.offsets.copy_(torch.cumsum(primes, 0) - primes)
+        if self.token_map is not None:
+            self.token_map.copy_(torch.tensor(self._token_map, dtype=torch.long))
 
     def table_parameters(self) -> list[nn.Parameter]:
         """The hash embedding table(s): large, sparsely touched, for a sparse/row-wise optimizer."""
@@ -208,7 +236,7 @@ class Engram(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"dim={self.dim}, layer_index={self.layer_index}, orders={self.orders}, "
+            f"dim={self.dim}, orders={self.orders}, "
             f"heads_per_order={self.heads_per_order}, head_dim={self.head_dim}, "
             f"primes={self.primes_list[0]}..{self.primes_list[-1]}, sparse_grad={self.sparse_grad}"
         )

@@ -6,14 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tsparse.modules.engram import Engram, distinct_primes, ngram_hash_ids
+from tsparse.modules.engram import Engram, EngramSpec, distinct_primes, draw_multipliers, ngram_hash_ids
 
 DIM, VOCAB = 32, 500
 SMALL = dict(heads_per_order=4, dim_per_order=16, table_rows=1000)
 
 
-def make(**kw) -> Engram:
-    return Engram(DIM, kw.pop("layer_index", 1), **{**SMALL, **kw})
+def make(layer_index=1, seed=0, token_map=None, **kw) -> Engram:
+    spec = EngramSpec(**{**SMALL, **kw})
+    return Engram(DIM, spec, draw_multipliers(seed, layer_index, max(spec.orders)), token_map=token_map)
 
 
 def randomize(m: Engram) -> Engram:
@@ -57,8 +58,8 @@ def test_hash_deterministic_across_processes_and_rng_untouched():
 
     ids = torch.arange(40).reshape(2, 20) * 37 % VOCAB
     code = (
-        "import torch; from tsparse.modules.engram import Engram; "
-        f"m = Engram({DIM}, 3, seed=7, **{SMALL!r}); "
+        "import torch; from tsparse.modules.engram import Engram, EngramSpec, draw_multipliers; "
+        f"m = Engram({DIM}, EngramSpec(**{SMALL!r}), draw_multipliers(7, 3, 3)); "
         "ids = torch.arange(40).reshape(2, 20) * 37 % 500; "
         "print(m.hash_indices(ids).flatten().tolist())"
     )
@@ -159,7 +160,8 @@ def test_token_map_compression():
     a = torch.tensor([[1, 2, 3, 4, 3, 8]])
     b = torch.tensor([[1, 2, 7, 4, 7, 8]])
     assert torch.equal(m.hash_indices(a), m.hash_indices(b))
-    assert "token_map" in m.state_dict() and "multipliers" in m.state_dict()
+    # derived from the model config, so not saved with the weights
+    assert "token_map" not in m.state_dict() and "multipliers" not in m.state_dict()
     assert not torch.equal(make().hash_indices(a), make().hash_indices(b))
 
 
@@ -183,7 +185,7 @@ def test_bad_config(kw, key):
 
 def test_bf16_table_close_to_fp32():
     ref = randomize(make())
-    m = make(table_dtype=torch.bfloat16)
+    m = make(table_dtype="bfloat16")
     m.load_state_dict(ref.state_dict())
     assert m.table.weight.dtype == torch.bfloat16
     h, ids = inputs()

@@ -5,6 +5,7 @@ from torch import nn
 from tsparse.modules.mhc import (
     GatedResidualAdapter,
     HyperConnection,
+    MHCSpec,
     StreamReduce,
     expand_streams,
     sinkhorn,
@@ -12,6 +13,10 @@ from tsparse.modules.mhc import (
 )
 
 B, T, N, D = 2, 5, 4, 16
+
+
+def hyper(dim: int, streams: int = N, **kw) -> HyperConnection:
+    return HyperConnection(dim, MHCSpec(streams=streams, **kw))
 
 
 def make_branch(seed: int, d: int = D) -> nn.Module:
@@ -61,7 +66,7 @@ def test_sinkhorn_fp32_under_autocast():
 
 
 def test_streams_stay_fp32_under_autocast():
-    hc, branch, x = HyperConnection(D, N), make_branch(0), generic_streams()
+    hc, branch, x = hyper(D, N), make_branch(0), generic_streams()
     ref = hc(x, branch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = hc(x, branch)
@@ -80,7 +85,7 @@ def test_identity_at_init(n, expanded):
     x = expand_streams(torch.randn(B, T, D), n) if expanded else generic_streams(1, n)
     m = x.mean(dim=-2)
     want = base_step(m, branch)
-    hc = HyperConnection(D, n)
+    hc = hyper(D, n)
     torch.testing.assert_close(StreamReduce(n, "mean")(hc(x, branch)), want, atol=1e-5, rtol=0)
     torch.testing.assert_close(
         StreamReduce(n, "mean")(uniform_step(x, branch)), want, atol=1e-5, rtol=0
@@ -108,7 +113,7 @@ def test_expand_streams_copies():
 def test_chain_matches_base():
     branches = [make_branch(10 + i) for i in range(6)]
     use_hc = [True, False, True, True, False, True]
-    hcs = [HyperConnection(D, N) if u else None for u in use_hc]
+    hcs = [hyper(D, N) if u else None for u in use_hc]
     h = torch.randn(B, T, D)
     x = expand_streams(h, N)
     for hc, branch in zip(hcs, branches):
@@ -122,7 +127,7 @@ def test_chain_matches_base():
 
 
 def test_streams_diverge_after_one_layer():
-    hc = HyperConnection(D, N)
+    hc = hyper(D, N)
     _, h_post, _ = hc.mixing(generic_streams())
     assert h_post.std(dim=-1).min() > 0.1
     torch.testing.assert_close(h_post.mean(-1), torch.ones(B, T), atol=1e-6, rtol=0)
@@ -136,7 +141,7 @@ def test_streams_diverge_after_one_layer():
 
 
 def test_gradients_at_init_and_no_deadlock():
-    hc = HyperConnection(D, N)
+    hc = hyper(D, N)
     x = generic_streams(3).requires_grad_()
     weights = torch.randn(N, D, generator=torch.Generator().manual_seed(4))
     loss = (hc(x, make_branch(0)) * weights).sum()
@@ -156,7 +161,7 @@ def test_gradients_at_init_and_no_deadlock():
 
 
 def test_h_res_not_saturated_at_init():
-    hc = HyperConnection(D, N)
+    hc = hyper(D, N)
     _, _, h_res = hc.mixing(generic_streams())
     off_diag = h_res[..., ~torch.eye(N, dtype=torch.bool)]
     assert off_diag.min() > 0.05
@@ -169,10 +174,10 @@ def test_h_res_not_saturated_at_init():
 def test_perturbed_phi_changes_output():
     branch = make_branch(0)
     x = generic_streams(5)
-    hc = HyperConnection(D, N)
+    hc = hyper(D, N)
     ref = hc(x, branch)
     for name in ("phi_pre", "phi_post", "phi_res"):
-        hc_p = HyperConnection(D, N)
+        hc_p = hyper(D, N)
         with torch.no_grad():
             getattr(hc_p, name).normal_(std=1.0)
             for a in (hc_p.alpha_pre, hc_p.alpha_post, hc_p.alpha_res):
@@ -187,7 +192,7 @@ def test_perturbed_phi_changes_output():
 
 
 def test_track_stats():
-    hc = HyperConnection(D, N)
+    hc = hyper(D, N)
     hc(generic_streams(), make_branch(0))
     assert hc.stats == {}
     hc.track_stats = True
@@ -202,7 +207,7 @@ def test_track_stats():
 
 def test_meta_construction():
     with torch.device("meta"):
-        hc = HyperConnection(2048, 4)
+        hc = hyper(2048, 4)
     assert hc.phi_res.is_meta and hc.phi_res.shape == (4 * 2048, 16)
     assert all(p.is_meta for p in hc.parameters())
 
@@ -227,11 +232,11 @@ def test_gated_adapter():
 @pytest.mark.parametrize(
     "build, key",
     [
-        (lambda: HyperConnection(D, streams=0), "streams"),
-        (lambda: HyperConnection(D, streams=1), "streams"),
-        (lambda: HyperConnection(D, sinkhorn_iters=0), "sinkhorn_iters"),
+        (lambda: hyper(D, streams=0), "streams"),
+        (lambda: hyper(D, streams=1), "streams"),
+        (lambda: hyper(D, sinkhorn_iters=0), "sinkhorn_iters"),
         (lambda: StreamReduce(0), "streams"),
-        (lambda: StreamReduce(N, mode="sum"), "mode"),
+        (lambda: StreamReduce(N, mode="sum"), "reduce"),
         (lambda: expand_streams(torch.zeros(1, 1, D), 0), "streams"),
         (lambda: sinkhorn(torch.zeros(N, N), iters=0), "sinkhorn_iters"),
         (lambda: GatedResidualAdapter(D, bottleneck=0), "bottleneck"),

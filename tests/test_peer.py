@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tsparse.modules.peer import PEER
+from tsparse.modules.peer import PEER, PEERSpec
 
 TINYLLAMA_BASE = 1_100_048_384
 TINYLLAMA_TOTALS = {
@@ -13,9 +13,13 @@ TINYLLAMA_TOTALS = {
 }
 
 
+def build_peer(dim: int, num_experts: int, **kw) -> PEER:
+    return PEER(dim, PEERSpec(num_experts=num_experts, **kw))
+
+
 def make(dim=32, num_experts=256, **kw):
     torch.manual_seed(0)
-    return PEER(dim, num_experts, **kw)
+    return build_peer(dim, num_experts, **kw)
 
 
 def fill_up(peer, seed=1):
@@ -55,9 +59,9 @@ def test_retrieve_matches_brute_force(num_experts, heads):
 
 @pytest.mark.parametrize("dim,n,heads,key_dim", [(16, 64, 1, 4), (32, 256, 4, 8), (24, 1024, 2, 16)])
 def test_param_count_small(dim, n, heads, key_dim):
-    peer = PEER(dim, n, heads=heads, top_k=2, key_dim=key_dim)
-    assert sum(p.numel() for p in peer.parameters()) == PEER.param_count(dim, n, heads, key_dim)
-    bn = PEER(dim, n, heads=heads, top_k=2, key_dim=key_dim, query_batchnorm=True)
+    module = build_peer(dim, n, heads=heads, top_k=2, key_dim=key_dim)
+    assert sum(p.numel() for p in module.parameters()) == PEER.param_count(dim, n, heads, key_dim)
+    bn = build_peer(dim, n, heads=heads, top_k=2, key_dim=key_dim, query_batchnorm=True)
     extra = 2 * (2 * heads * key_dim)
     assert sum(p.numel() for p in bn.parameters()) == PEER.param_count(dim, n, heads, key_dim) + extra
 
@@ -66,9 +70,9 @@ def test_param_count_small(dim, n, heads, key_dim):
 def test_param_count_tinyllama_on_meta(n, total):
     assert 2 * PEER.param_count(2048, n, heads=4, key_dim=64) + TINYLLAMA_BASE == total
     with torch.device("meta"):
-        peer = PEER(2048, n)
-    assert peer.down.weight.is_meta and peer.up.weight.is_meta
-    assert 2 * sum(p.numel() for p in peer.parameters()) + TINYLLAMA_BASE == total
+        module = build_peer(2048, n)
+    assert module.down.weight.is_meta and module.up.weight.is_meta
+    assert 2 * sum(p.numel() for p in module.parameters()) + TINYLLAMA_BASE == total
 
 
 @pytest.mark.parametrize("kw,key", [
@@ -81,7 +85,7 @@ def test_param_count_tinyllama_on_meta(n, total):
 def test_invalid_config_raises(kw, key):
     kw = {"num_experts": 256, **kw}
     with pytest.raises(ValueError, match=key):
-        PEER(32, **kw)
+        build_peer(32, **kw)
     if "num_experts" in kw and kw["num_experts"] != 256:
         with pytest.raises(ValueError, match=key):
             PEER.param_count(32, kw["num_experts"])
@@ -129,7 +133,7 @@ def test_relu_gate_differs_and_batchnorm_modes():
 
 def test_bf16_tables():
     x = torch.randn(2, 5, 32)
-    ref, low = make(), make(table_dtype=torch.bfloat16)
+    ref, low = make(), make(table_dtype="bfloat16")
     fill_up(ref)
     with torch.no_grad():
         for t in ref.table_parameters():

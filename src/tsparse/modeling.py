@@ -129,6 +129,12 @@ class _SparseModuleInit:
     """`_init_weights` for the sparse modules: their own init when fresh (a plain base loaded into
     the model), only their derived buffers when their weights were loaded."""
 
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # transformers skips "custom code" modules whose direct parameters are all loaded, which would
+        # also skip a sparse module that only has children (the adapter); _init_weights below checks
+        # what was loaded itself, and the base's init functions are guarded, so no shortcut is needed.
+        super()._initialize_weights(module, is_custom_code=False)
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, SPARSE_MODULE_TYPES):
             if any(getattr(p, "_is_hf_initialized", False) for p in module.parameters()):

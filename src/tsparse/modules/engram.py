@@ -61,7 +61,7 @@ class EngramSpec:
 def draw_multipliers(seed: int, layer: int, max_order: int) -> list[int]:
     """Odd hash multipliers of one Engram layer, from a local CPU generator (the global RNG is untouched)."""
     g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + layer)
-    return (torch.randint(0, _MULTIPLIER_BOUND, (max_order,), generator=g) | 1).tolist()
+    return (torch.randint(0, _MULTIPLIER_BOUND, (max_order,), generator=g, device="cpu") | 1).tolist()
 
 
 def normalize_token_text(text: str) -> str:
@@ -155,7 +155,7 @@ class Engram(nn.Module):
         # The hash buffers are derived (from the config), so they are not saved with the weights.
         self.primes_list = distinct_primes(spec.table_rows, self.num_heads)
         self._multipliers = list(multipliers)
-        self._token_map = None if token_map is None else list(token_map)
+        self._token_map = None if token_map is None else [int(i) for i in token_map]
         self.register_buffer("multipliers", torch.empty(len(multipliers), dtype=torch.long), persistent=False)
         self.register_buffer("primes", torch.empty(self.num_heads, dtype=torch.long), persistent=False)
         self.register_buffer("offsets", torch.empty(self.num_heads, dtype=torch.long), persistent=False)

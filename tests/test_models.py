@@ -1,4 +1,4 @@
-"""Model loading: micro from scratch, any local HF dir via model.name_or_path, clear errors."""
+"""Model building: micro from scratch, any local HF dir via model.name_or_path, clear errors."""
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -6,7 +6,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tsparse.config import ConfigError
 from tsparse.hub import HubUnreachableError, hub_reachable
-from tsparse.models import load_base
+from tsparse.models import base_with_modules
 from tsparse.tokenizer import train_bpe
 
 
@@ -18,7 +18,7 @@ def test_local_hf_dir_loads_through_from_pretrained(tmp_path, wikitext_small):
     tok.save_pretrained(tmp_path / "hf")
     cfg = OmegaConf.create({"kind": "pretrained", "name_or_path": str(tmp_path / "hf"), "from_scratch": False,
                             "dtype": "float32"})
-    loaded, loaded_tok = load_base(cfg, lambda: pytest.fail("no tokenizer training for a pretrained model"))
+    loaded, loaded_tok = base_with_modules(cfg, {}, 0, lambda: pytest.fail("no tokenizer training for a pretrained model"))
     ids = torch.tensor([loaded_tok("The castle was built")["input_ids"]])
     torch.testing.assert_close(loaded.eval()(ids).logits, model(ids).logits)
 
@@ -27,7 +27,7 @@ def test_missing_micro_base_names_the_experiment(tmp_path):
     cfg = OmegaConf.create({"kind": "micro", "name_or_path": str(tmp_path / "none"), "from_scratch": False,
                             "dtype": "float32"})
     with pytest.raises(ConfigError, match=r"\+experiment=pretrain_micro"):
-        load_base(cfg, lambda: "")
+        base_with_modules(cfg, {}, 0, lambda: "")
 
 
 def test_hub_model_offline_fails_fast(monkeypatch):
@@ -37,7 +37,7 @@ def test_hub_model_offline_fails_fast(monkeypatch):
                             "from_scratch": False, "dtype": "float32"})
     try:
         with pytest.raises(HubUnreachableError, match="use model=micro"):
-            load_base(cfg, lambda: "")
+            base_with_modules(cfg, {}, 0, lambda: "")
     finally:
         hub_reachable.cache_clear()
 
@@ -47,4 +47,4 @@ def test_bad_dtype_is_a_config_error(wikitext_small, tmp_path):
                             "config": {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64,
                                        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}})
     with pytest.raises(ConfigError, match="model.dtype='float8' is not allowed"):
-        load_base(cfg, lambda: (wikitext_small / "train.txt").read_text())
+        base_with_modules(cfg, {}, 0, lambda: (wikitext_small / "train.txt").read_text())

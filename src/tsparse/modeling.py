@@ -19,14 +19,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer, LlamaModel, LlamaPreTrainedModel, LlamaRMSNorm, LlamaRotaryEmbedding,
 )
 
-from tsparse.modules.engram import Engram, EngramSpec, compressed_token_map, draw_multipliers
+from tsparse.modules.engram import Engram, EngramSpec, EngramState, compressed_token_map, draw_multipliers
 from tsparse.modules.mhc import GatedResidualAdapter, HyperConnection, MHCSpec, StreamReduce, expand_streams, uniform_step
 from tsparse.modules.peer import PEER, PEERSpec
 from tsparse.registry import KINDS, SPARSE_MODULE_TYPES
@@ -84,12 +84,49 @@ class TsparseConfig(LlamaConfig):
                    engram_token_map=token_map)
 
 
+class TsparseCache(DynamicCache):
+    """The KV cache plus each Engram layer's history (`EngramState`), which follows the KV cache
+    under beam reordering, batch selection and cropping."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.engram: dict[int, EngramState] = {}
+
+    def engram_state(self, layer_idx: int) -> EngramState:
+        return self.engram.setdefault(layer_idx, EngramState())
+
+    def reset(self) -> None:
+        super().reset()
+        self.engram.clear()
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        super().reorder_cache(beam_idx)
+        for state in self.engram.values():
+            state.select(beam_idx)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        super().batch_select_indices(indices)
+        for state in self.engram.values():
+            state.select(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        for state in self.engram.values():
+            state.repeat_interleave(repeats)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        for state in self.engram.values():
+            state.crop(tokens_to_remove)
+
+
 class TsparseDecoderLayer(LlamaDecoderLayer):
     """A Llama decoder layer with its optional Engram (on the input), PEER (on the output) and mHC
     (around the residual branch)."""
 
     def __init__(self, config: TsparseConfig, layer_idx: int):
         super().__init__(config, layer_idx)
+        self.layer_idx = layer_idx
         specs, dim = config.module_specs(), config.hidden_size
         engram, peer, mhc = specs.get("engram"), specs.get("peer"), specs.get("mhc")
         self.num_streams = config.num_streams
@@ -107,7 +144,9 @@ class TsparseDecoderLayer(LlamaDecoderLayer):
     def block(self, h: Tensor, input_ids: Tensor, **kwargs) -> Tensor:
         """Engram on the input, the Llama layer, then PEER (and the seed's adapter) on its output."""
         if self.engram is not None:
-            h = h + self.engram(h, input_ids)
+            cache = kwargs.get("cache")
+            state = cache.engram_state(self.layer_idx) if isinstance(cache, TsparseCache) else None
+            h = h + self.engram(h, input_ids, state=state)
         out = super().forward(h, **kwargs)
         if self.peer is not None:
             out = out + self.peer(out)
@@ -177,9 +216,9 @@ class TsparseModel(_SparseModuleInit, LlamaModel):
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=self.config)
+            cache = TsparseCache(config=self.config)
+        if self.config.engram and cache is not None and not isinstance(cache, TsparseCache):
+            raise TypeError("Engram keeps per-sequence n-gram state in the cache: pass a tsparse.modeling.TsparseCache")
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
@@ -210,6 +249,12 @@ class TsparseForCausalLM(_SparseModuleInit, LlamaForCausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
+        """generate() builds a DynamicCache; use a TsparseCache, which also holds Engram's state."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if type(model_kwargs.get("cache")) is DynamicCache and not getattr(model_kwargs["cache"], "_is_user_defined", False):
+            model_kwargs["cache"] = TsparseCache(config=self.config)
+
     def sparse_modules(self) -> dict[str, nn.Module]:
         """`{kind}.L{layer}` -> module, for every attached sparse module."""
         return {f"{kind}.L{i}": module for i, layer in enumerate(self.model.layers) for kind in KINDS
@@ -219,4 +264,4 @@ class TsparseForCausalLM(_SparseModuleInit, LlamaForCausalLM):
 AutoConfig.register(TsparseConfig.model_type, TsparseConfig)
 AutoModelForCausalLM.register(TsparseConfig, TsparseForCausalLM)
 
-__all__ = ["EngramSpec", "MHCSpec", "PEERSpec", "TsparseConfig", "TsparseForCausalLM", "TsparseModel"]
+__all__ = ["EngramSpec", "MHCSpec", "PEERSpec", "TsparseCache", "TsparseConfig", "TsparseForCausalLM", "TsparseModel"]

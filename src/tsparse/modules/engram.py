@@ -124,6 +124,32 @@ def distinct_primes(start: int, count: int, exclude: Iterable[int] = ()) -> list
     return primes
 
 
+@dataclass
+class EngramState:
+    """One Engram layer's history during cached generation: the token ids and conv inputs seen so
+    far, per sequence ([B, t] and [B, t, dim]). Kept whole so that it follows the KV cache exactly
+    under beam reordering, batch selection and cropping."""
+
+    ids: Tensor | None = None
+    conv: Tensor | None = None
+
+    def extend(self, ids: Tensor, conv: Tensor) -> None:
+        self.ids = ids if self.ids is None else torch.cat((self.ids, ids), 1)
+        self.conv = conv if self.conv is None else torch.cat((self.conv, conv), 1)
+
+    def select(self, index: Tensor) -> None:
+        if self.ids is not None:
+            self.ids, self.conv = self.ids[index], self.conv[index]
+
+    def repeat_interleave(self, repeats: int) -> None:
+        if self.ids is not None:
+            self.ids, self.conv = self.ids.repeat_interleave(repeats, 0), self.conv.repeat_interleave(repeats, 0)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.ids is not None and tokens_to_remove:
+            self.ids, self.conv = self.ids[:, : -abs(tokens_to_remove)], self.conv[:, : -abs(tokens_to_remove)]
+
+
 class Engram(nn.Module):
     """Hashed n-gram memory with a context gate (DeepSeek Engram, 2026).
 
@@ -209,12 +235,17 @@ class Engram(nn.Module):
         ).repeat_interleave(self.heads_per_order, dim=-1)  # [B, T, num_heads]
         return torch.remainder(hashed, self.primes) + self.offsets
 
-    def forward(
-        self, hidden: Tensor, input_ids: Tensor, return_gate: bool = False
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Returns y [B, T, dim] to ADD to the layer input (and the gate alpha [B, T] if return_gate)."""
+    def forward(self, hidden: Tensor, input_ids: Tensor, return_gate: bool = False,
+                state: EngramState | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Returns y [B, T, dim] to ADD to the layer input (and the gate alpha [B, T] if return_gate).
+
+        With a `state` (cached generation) the T new tokens are hashed and convolved after the
+        history it holds, exactly as inside the full sequence, and the history is extended.
+        """
         B, T, _ = hidden.shape
-        rows = self.table(self.hash_indices(input_ids))
+        past_ids = state.ids[:, -(max(self.orders) - 1):] if state is not None and state.ids is not None else None
+        ids = input_ids if past_ids is None else torch.cat((past_ids, input_ids), 1)
+        rows = self.table(self.hash_indices(ids)[:, -T:])
         e = rows.to(self.key_proj.weight.dtype).reshape(B, T, -1)  # [B, T, orders*dim_per_order]
 
         k, q = self.norm_k(self.key_proj(e)), self.norm_q(hidden)
@@ -222,7 +253,13 @@ class Engram(nn.Module):
         alpha = torch.sigmoid(torch.sign(s) * torch.sqrt(s.abs().clamp_min(_GATE_SQRT_FLOOR)))
 
         v = alpha.unsqueeze(-1) * self.value_proj(e)
-        conv_in = F.pad(self.norm_v(v).transpose(1, 2), (self.conv_pad, 0))  # left pad only: causal
+        conv_in = self.norm_v(v)
+        past_conv = state.conv[:, -self.conv_pad:] if state is not None and state.conv is not None and self.conv_pad else None
+        if state is not None:
+            state.extend(input_ids, conv_in)
+        if past_conv is not None:
+            conv_in = torch.cat((past_conv.to(conv_in.dtype), conv_in), 1)
+        conv_in = F.pad(conv_in.transpose(1, 2), (self.conv_pad - (conv_in.shape[1] - T), 0))  # causal: left pad only
         y = v + F.silu(self.conv(conv_in).transpose(1, 2))
 
         if self.track_stats:

@@ -5,38 +5,16 @@ import shutil
 import statistics
 
 import pytest
-import torch
 from matplotlib.image import imread
 
 from tsparse import report
-from tsparse.train import run
-
-from conftest import compose_cfg, nano_overrides
-from test_strategies import SMALL_MODULES
 
 EXPERIMENTS = ("baseline", "finetune_control", "engram")
 SEEDS = (0, 1)
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """The CI box has 2 contended cores: one torch thread makes these tiny runs several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_run(tmp_path, data_dir, run_dir, *extra):
-    """A 3-step nano run (2 val/test batches) written to `run_dir`."""
-    return run(compose_cfg(nano_overrides(
-        tmp_path, data_dir, *SMALL_MODULES, "trainer.max_steps=3", "trainer.val_check_interval=3",
-        "trainer.log_every_n_steps=1", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
-        "+trainer.num_sanity_val_steps=0", f"paths.output_dir='{run_dir}'", *extra)))
-
-
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory, wikitext_small, one_thread):
+def sweep(tmp_path_factory, wikitext_small, one_thread, tiny_run):
     """outputs/multirun/<experiment>/job,seed=<s> for each experiment and seed, as a multirun writes them."""
     root = tmp_path_factory.mktemp("outputs")
     for experiment in EXPERIMENTS:
@@ -72,7 +50,7 @@ def test_report_groups_seeds_and_compares_to_references(sweep, tmp_path, capsys)
         assert row["total_params"] == sum(results[0]["params"].values())
 
     params = results_of(sweep, "engram")[0]["params"]
-    assert by_group["engram"]["trainable_params"] == params["engram"] > 0
+    assert by_group["engram"]["trainable_params"] == params["engram"] + params["engram_table"] > params["engram"] > 0
     assert by_group["finetune_control"]["trainable_params"] == params["base"]
     assert by_group["baseline"]["trainable_params"] == 0
     assert by_group["baseline"]["tokens_per_sec"] is None and by_group["engram"]["tokens_per_sec"] > 0

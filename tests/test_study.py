@@ -5,18 +5,15 @@ import json
 
 import pytest
 
-from conftest import compose_cfg, run_cli
-
 
 STUDY_ARGS = ("-m", "+study=quality", "model=nano", "data.block_size=64", "logger=csv",
               "trainer.enable_progress_bar=false", "trainer.val_check_interval=2", "trainer.limit_val_batches=2",
               "trainer.limit_test_batches=2", "trainer.log_every_n_steps=2", "+experiment=baseline,engram", "seed=0,1")
 
 
-def run_study(root, *extra):
+def run_study(cli, root, *extra):
     """The study CLI in a project root of its own (outputs/, .cache/ and ../shared/data under tmp)."""
-    return run_cli("tsparse.train", *STUDY_ARGS, "trainer.max_steps=4", *extra, env={"TSPARSE_ROOT": str(root)},
-                   timeout=600)
+    return cli("tsparse.train", *STUDY_ARGS, "trainer.max_steps=4", *extra, env={"TSPARSE_ROOT": str(root)}, timeout=600)
 
 
 @pytest.fixture
@@ -27,19 +24,20 @@ def study_root(tmp_path, wikitext_small):
     return tmp_path / "project"
 
 
-def test_study_composes_every_experiment_and_seed():
-    from hydra import compose, initialize_config_dir
+def test_study_composes_every_experiment_and_seed(compose):
+    from hydra import compose as hydra_compose, initialize_config_dir
     from tsparse.config import config_dir
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=["+study=quality"], return_hydra_config=True)
+        cfg = hydra_compose("train", overrides=["+study=quality"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     assert params["+experiment"].split(",") == ["baseline", "finetune_control", "engram", "peer", "mhc", "hybrid",
                                                "joint", "staggered", "diff_lr"]
     assert params.seed.split(",") == ["0", "1", "2"]
     assert cfg.ckpt_path == "auto" and cfg.trainer.max_steps == 150
-    cell = compose_cfg(["+study=quality", "+experiment=peer", "seed=2"])
-    assert cell.peer.num_experts == 16384 and cell.optim.table_lr_scale == {"engram": 10000.0, "peer": 100.0}
-    assert compose_cfg(["+study=quality", "+experiment=peer", "model=tinyllama"]).peer.num_experts == 262144
+    cell = compose(["+study=quality", "+experiment=peer", "seed=2"])
+    lr = cell.strategy.phases[0].lr  # the validated table LRs are the experiments' own defaults
+    assert cell.peer.num_experts == 16384 and (lr.engram_table, lr.peer_table) == (10.0, 0.1)
+    assert compose(["+study=quality", "+experiment=peer", "model=tinyllama"]).peer.num_experts == 262144
 
 
 def cell_dirs(study):
@@ -51,8 +49,9 @@ def cell_dirs(study):
     return found
 
 
-def test_study_runs_reports_and_skips_finished_cells(study_root):
-    first = run_study(study_root)
+@pytest.mark.slow
+def test_study_runs_reports_and_skips_finished_cells(study_root, cli):
+    first = run_study(cli, study_root)
     assert first.returncode == 0, first.stderr[-3000:]
     study = study_root / "outputs" / "study" / "nano"
     cells = cell_dirs(study)
@@ -64,14 +63,14 @@ def test_study_runs_reports_and_skips_finished_cells(study_root):
 
     assert json.loads((cells["engram", "seed=0"] / "results.json").read_text())["skipped_steps"] == 0
     before = {c: (d / "results.json").read_text() for c, d in cells.items()}
-    again = run_study(study_root)
+    again = run_study(cli, study_root)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (again.stdout + again.stderr).count("already finished (ckpt_path=auto)") == 4
     assert {c: (d / "results.json").read_text() for c, d in cells.items()} == before
 
     # A cell that trained but crashed before writing results.json resumes from its checkpoint.
     (cells["engram", "seed=1"] / "results.json").unlink()
-    resumed = run_study(study_root)
+    resumed = run_study(cli, study_root)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = resumed.stdout + resumed.stderr
     assert log.count("already finished (ckpt_path=auto)") == 3 and "Restored all states from the checkpoint" in log

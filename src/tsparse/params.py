@@ -4,16 +4,15 @@
 """
 from __future__ import annotations
 
-import argparse
-import sys
 
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from tsparse.config import ConfigError, config_dir
+from tsparse.cli import ArgumentParser, one_line_errors, positive_int
+from tsparse.config import config_dir
 from tsparse.models import architecture_model
-from tsparse.registry import KINDS, params_by_group
+from tsparse.registry import KINDS, param_counts_by_kind
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -27,28 +26,23 @@ def compose_config(overrides: list[str]) -> DictConfig:
 def count(cfg: DictConfig) -> dict[str, int]:
     """Parameters of the base and of each kind (its tables included), counted on the meta device."""
     with torch.device("meta"):
-        groups = params_by_group(architecture_model(cfg))
-    counts = {"base": sum(p.numel() for _, p in groups["base"])}
-    counts.update({name: sum(p.numel() for g in kind.groups for _, p in groups[g]) for name, kind in KINDS.items()})
+        counts = param_counts_by_kind(architecture_model(cfg))
     counts["total"] = sum(counts.values())
     return counts
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="python -m tsparse.params", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m tsparse.params", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tinyllama sparse=peer")
-    parser.add_argument("--experts", type=int, nargs="+", help="one row per PEER expert count")
+    parser.add_argument("--experts", type=positive_int, nargs="+", help="one row per PEER expert count")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors():
         cfg = compose_config(args.overrides)
         rows = []
         for experts in args.experts or [cfg.peer.num_experts]:
             with open_dict(cfg):
                 cfg.peer.num_experts = experts
             rows.append({"experts": experts if "peer" in cfg.sparse.modules else None, **count(cfg)})
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     groups = ["base", *KINDS, "total"]
     print("| experts | " + " | ".join(groups) + " |")
     print("|---:|" + "---:|" * len(groups))

@@ -75,3 +75,11 @@ def trainable_groups(model: nn.Module, base: str = "frozen") -> dict[str, list[n
             named = [(n, p) for n, p in named if p.requires_grad]
         groups[group] = [p for _, p in named]
     return groups
+
+
+def param_counts_by_kind(model: nn.Module) -> dict[str, int]:
+    """Parameter counts of the base and of each kind, its tables included."""
+    groups = params_by_group(model)
+    counts = {"base": sum(p.numel() for _, p in groups["base"])}
+    counts.update({name: sum(p.numel() for g in kind.groups for _, p in groups[g]) for name, kind in KINDS.items()})
+    return counts

@@ -17,10 +17,8 @@ With --wandb the PNGs are also logged as `wandb.Image` (offline without an API k
 """
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
-import sys
 from collections import defaultdict
 from functools import lru_cache
 from pathlib import Path
@@ -31,9 +29,9 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from tsparse.cli import ArgumentParser, one_line_errors, positive_int
 from tsparse.config import ConfigError
 from tsparse.eval import load_for_eval, split_texts
-from tsparse.hub import HubUnreachableError
 from tsparse.modules.engram import Engram
 
 DEFAULT_TEXT_TOKENS = 60
@@ -155,25 +153,25 @@ def log_to_wandb(cfg: DictConfig | None, name: str, images: dict[str, Path], out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Path]:
-    parser = argparse.ArgumentParser(prog="python -m tsparse.viz", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m tsparse.viz", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", type=Path, metavar="PATH", help="a run dir or an exported HF model dir")
     parser.add_argument("--text", help=f"text of the heatmaps (default: the first {DEFAULT_TEXT_TOKENS} tokens of the split)")
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    parser.add_argument("--max-tokens", type=int, default=4096, help="tokens of the split for the n-gram tables")
-    parser.add_argument("--top", type=int, default=20, help="n-grams listed at each end")
+    parser.add_argument("--max-tokens", type=positive_int, default=4096, help="tokens of the split for the n-gram tables")
+    parser.add_argument("--top", type=positive_int, default=20, help="n-grams listed at each end")
     parser.add_argument("--out", type=Path, help="output folder (default: PATH/viz)")
-    parser.add_argument("--context", type=int, help="window length (default: the run's data.block_size, else 256)")
+    parser.add_argument("--context", type=positive_int, help="window length (default: the run's data.block_size, else 256)")
     parser.add_argument("--data-dir", help="local WikiText-2 folder (default: the run's data, else ../shared)")
     parser.add_argument("--wandb", action="store_true", help="also log the heatmaps to W&B")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors(OSError):
+        run_config = args.path / "config.yaml"
+        if run_config.is_file() and "engram" not in OmegaConf.load(run_config).sparse.modules:
+            raise ConfigError(f"{args.path} has no Engram module; train one with sparse=engram, hybrid or triple")
         model, tokenizer, cfg = load_for_eval(args.path)
         if not engram_modules(model):
             raise ConfigError(f"{args.path} has no Engram module; train one with sparse=engram, hybrid or triple")
         split_text = split_texts(cfg, args.data_dir)[args.split]
-    except (ConfigError, HubUnreachableError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
 
     context = args.context or (cfg.data.block_size if cfg is not None else 256)
     name = cfg.run_name if cfg is not None else args.path.name

@@ -1,35 +1,37 @@
 """Phase schedules: exact LRs at boundaries, frozen groups, resume equivalence, every experiment runs."""
+from pathlib import Path
+
 import pytest
 import torch
 
 from tsparse.callbacks import PhaseLRCallback, parse_phases
-from tsparse.config import ConfigError
+from tsparse.config import ConfigError, config_dir
 from tsparse.report import read_metrics
 from tsparse.train import run
 
-from conftest import compose_cfg, nano_overrides
-from test_config import options
-
-SMALL_MODULES = ("peer.num_experts=256", "peer.key_dim=16", "engram.table_rows=1009", "engram.dim_per_order=32",
-                 "engram.heads_per_order=2")
+EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml") if p.stem != "pretrain_micro")
+GROUPS = ("engram", "engram_table", "peer", "peer_table", "mhc")
 
 
-def triple_overrides(tmp_path, data_dir, *extra):
-    return nano_overrides(tmp_path, data_dir, "sparse=triple", *SMALL_MODULES, "trainer.log_every_n_steps=1",
-                          "test=false", *extra)
+@pytest.fixture
+def triple(compose, nano, small_modules, wikitext_small):
+    """compose(...) of a nano triple-sparse run into tmp dir `root`, logging every step, no test."""
+    def make(root, *extra):
+        return compose(nano(root, wikitext_small, "sparse=triple", *small_modules, "trainer.log_every_n_steps=1",
+                            "test=false", *extra))
+    return make
 
 
-def test_diff_lr_phase_boundaries_give_configured_lrs(tmp_path, wikitext_small):
-    cfg = compose_cfg(triple_overrides(tmp_path, wikitext_small, "strategy=diff_lr", "trainer.max_steps=9",
-                                       "trainer.val_check_interval=9"))
+def test_diff_lr_phase_boundaries_log_the_configured_lrs(tmp_path, triple):
+    cfg = triple(tmp_path, "strategy=diff_lr", "trainer.max_steps=9", "trainer.val_check_interval=9")
     assert cfg.strategy.phase_steps == 3
     run(cfg)
     logged = read_metrics(tmp_path / "run")
-    expected = {0: (1e-3, 1e-5, 1e-3), 3: (1e-5, 1e-3, 1e-4), 6: (5e-4, 5e-4, 5e-4)}
-    for phase_start, lrs in expected.items():
-        for step in range(phase_start, phase_start + 3):
-            got = tuple(logged[step][f"lr-SparseAwareAdamW/{g}"] for g in ("engram", "peer", "mhc"))
-            assert got == pytest.approx(lrs, rel=1e-9), (step, got)
+    for index, phase in enumerate(cfg.strategy.phases):
+        for step in range(3 * index, 3 * index + 3):
+            got = {g: logged[step][f"lr-SparseAwareAdamW/{g}"] for g in GROUPS}
+            assert got == pytest.approx({g: phase.lr[g] for g in GROUPS}, rel=1e-9), (step, got)
+    assert logged[0]["lr-SparseAwareAdamW/engram_table"] == pytest.approx(10.0)  # the table LR itself, unscaled
 
 
 def test_phase_callback_is_a_pure_function_of_step():
@@ -46,6 +48,7 @@ def test_phase_callback_is_a_pure_function_of_step():
     ([{"name": "x", "steps": 5, "lr": {"brain": 1e-3}}], "unknown param group 'brain'"),
     ([{"name": "x", "steps": 5, "lr": {"peer": -1.0}}], "strategy.phases[0].lr.peer=-1.0 must be a number >= 0"),
     ([{"name": "x", "steps": 5, "lr": {}, "frozen": ["heart"]}], "unknown param group 'heart'"),
+    ([{"name": "x", "steps": 5, "lr": {"mhc_table": 1.0}}], "unknown param group 'mhc_table'"),
     ([{"name": "x", "steps": 5, "speed": 3}], "unknown keys ['speed']"),
     ([], "strategy.phases is empty"),
 ])
@@ -55,12 +58,9 @@ def test_invalid_schedules_are_config_errors(phases, needle):
     assert needle in str(err.value)
 
 
-def test_staggered_frozen_groups_do_not_move(tmp_path, wikitext_small):
-    """Phase 1 freezes PEER, phase 2 freezes Engram and mHC (2 steps each)."""
-    from tsparse.build import build_datamodule, build_model
-    from tsparse.callbacks.phase_lr import PhaseLRCallback
-
-    cfg = compose_cfg(triple_overrides(tmp_path, wikitext_small, "strategy=staggered", "trainer.max_steps=6"))
+def test_staggered_frozen_groups_do_not_move(tmp_path, triple):
+    """Phase 1 freezes PEER (and its tables), phase 2 freezes Engram (and its tables) and mHC (2 steps each)."""
+    cfg = triple(tmp_path, "strategy=staggered", "trainer.max_steps=6")
     snapshots = {}
 
     class Snapshot(PhaseLRCallback):
@@ -81,38 +81,39 @@ def test_staggered_frozen_groups_do_not_move(tmp_path, wikitext_small):
     def moved(group, a, b):
         return any(not torch.equal(x, y) for x, y in zip(snapshots[a][group], snapshots[b][group]))
 
-    assert not moved("peer", 0, 2) and moved("engram", 0, 2) and moved("mhc", 0, 2)
-    assert moved("peer", 2, 4) and not moved("engram", 2, 4) and not moved("mhc", 2, 4)
-    assert moved("peer", 4, 5) and moved("engram", 4, 5)
+    assert not moved("peer", 0, 2) and not moved("peer_table", 0, 2)
+    assert moved("engram", 0, 2) and moved("engram_table", 0, 2) and moved("mhc", 0, 2)
+    assert moved("peer", 2, 4) and moved("peer_table", 2, 4)
+    assert not moved("engram", 2, 4) and not moved("engram_table", 2, 4) and not moved("mhc", 2, 4)
+    assert all(moved(g, 4, 5) for g in GROUPS)
 
 
-def test_resume_mid_phase_matches_uninterrupted_run(tmp_path, wikitext_small):
+def test_resume_mid_phase_matches_uninterrupted_run(tmp_path, triple):
     common = ("strategy=diff_lr", "strategy.phase_steps=4", "trainer.val_check_interval=3",
               "callbacks.model_checkpoint.every_n_train_steps=3")
     full = tmp_path / "full"
-    run(compose_cfg(triple_overrides(full, wikitext_small, *common, "trainer.max_steps=12")))
+    run(triple(full, *common, "trainer.max_steps=12"))
     split = tmp_path / "split"
-    run(compose_cfg(triple_overrides(split, wikitext_small, *common, "trainer.max_steps=6")))  # stops mid-phase 2
-    run(compose_cfg(triple_overrides(split, wikitext_small, *common, "trainer.max_steps=12", "ckpt_path=last")))
+    run(triple(split, *common, "trainer.max_steps=6"))  # stops mid-phase 2
+    run(triple(split, *common, "trainer.max_steps=12", "ckpt_path=last"))
     a, b = read_metrics(full / "run"), read_metrics(split / "run")
     for step in range(12):
-        for key in ("lr-SparseAwareAdamW/engram", "lr-SparseAwareAdamW/peer", "lr-SparseAwareAdamW/mhc"):
-            assert a[step][key] == b[step][key]
+        for group in GROUPS:
+            assert a[step][f"lr-SparseAwareAdamW/{group}"] == b[step][f"lr-SparseAwareAdamW/{group}"]
         assert abs(a[step]["train/loss"] - b[step]["train/loss"]) < 1e-4, step
 
 
-@pytest.mark.parametrize("experiment", [e for e in options("experiment") if e != "pretrain_micro"])
-def test_every_experiment_runs_a_few_steps(experiment, tmp_path, wikitext_small):
-    cfg = compose_cfg(nano_overrides(tmp_path, wikitext_small, f"+experiment={experiment}", *SMALL_MODULES,
-                                     "trainer.max_steps=3", "trainer.val_check_interval=3", "test=false"))
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_runs_a_few_steps(experiment, tmp_path, wikitext_small, compose, nano, small_modules):
+    cfg = compose(nano(tmp_path, wikitext_small, f"+experiment={experiment}", *small_modules,
+                       "trainer.max_steps=3", "trainer.val_check_interval=3", "test=false"))
     results = run(cfg)
     assert results["global_step"] == (3 if cfg.train else 0)
     assert results["val/ppl"] > 1.0
 
 
-def test_schedule_longer_than_the_run_warns(tmp_path, wikitext_small):
-    cfg = compose_cfg(triple_overrides(tmp_path, wikitext_small, "strategy=diff_lr", "strategy.phase_steps=5",
-                                       "trainer.max_steps=8"))
+def test_schedule_longer_than_the_run_warns(tmp_path, triple):
+    cfg = triple(tmp_path, "strategy=diff_lr", "strategy.phase_steps=5", "trainer.max_steps=8")
     with pytest.warns(UserWarning, match=r"strategy.phases\[2\] \(coordinate\) starts at step 10 but "
                                          r"trainer.max_steps=8: it will not run"):
         results = run(cfg)

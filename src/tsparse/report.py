@@ -11,19 +11,19 @@ the engram, peer and mhc groups, plus the whole base unless `optim.base=frozen` 
 overcounts: results.json does not split the adapters from the base).
 
 report.md also gets the modules' final diagnostics (output/input RMS ratios, Engram/PEER RMS ratio,
-Engram gate, PEER expert usage, mHC distance from identity). Writes report.md, report.csv, loss_curves.png (train/loss per group, mean over seeds) and
+Engram gate, PEER expert usage, mHC distance from identity). A run dir holding lm_eval.json
+(`tsparse.lm_eval`) adds one column per lm-eval task/metric (stderr dropped), mean ± std over the seeds
+that have it. Writes report.md, report.csv, loss_curves.png (train/loss per group, mean over seeds) and
 lr_schedule.png (LR per param group, one subplot per group, from its lowest seed) into --out
 (default: the first PATH), and prints the table.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import re
 import statistics
-import sys
 import textwrap
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -35,10 +35,13 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
 from tsparse.registry import KINDS
+from tsparse.cli import ArgumentParser, one_line_errors
 from tsparse.config import ConfigError
+from tsparse.lm_eval import RESULTS_FILE as LM_EVAL_FILE
 
 REFERENCES = ("baseline", "finetune_control")
 METRICS = {"val_ppl": "val/ppl", "test_ppl": "test/ppl", "test_word_ppl": "test/word_ppl"}
+LM_EVAL = "lm_eval/"  # prefix of the lm-eval columns: lm_eval/<task>/<metric>
 SEED_PART = re.compile(r"seed=\d+")
 
 
@@ -100,11 +103,21 @@ class Run:
     def metrics(self) -> dict[int, dict[str, float]]:
         return read_metrics(self.path)
 
+    @cached_property
+    def lm_eval(self) -> dict[str, float]:
+        """lm_eval/<task>/<metric> -> value from the run's lm_eval.json (the `,none` filter suffix dropped)."""
+        path = self.path / LM_EVAL_FILE
+        results = json.loads(path.read_text())["results"] if path.is_file() else {}
+        return {f"{LM_EVAL}{task}/{key.removesuffix(',none')}": value for task, metrics in results.items()
+                for key, value in metrics.items() if "_stderr" not in key}
+
 
 def find_runs(paths: list[Path]) -> list[Run]:
-    """Every run directory at or below `paths`, in path order."""
+    """Every run directory at or below `paths`, in path order; hidden folders (e.g. the `.replaced/` runs
+    that a fresh start moved aside) are skipped."""
     found = {results.parent for root in paths for results in root.rglob("results.json")
-             if (results.parent / "config.yaml").is_file()}
+             if (results.parent / "config.yaml").is_file()
+             and not any(part.startswith(".") for part in results.relative_to(root).parts)}
     return [Run.load(path) for path in sorted(found)]
 
 
@@ -136,6 +149,7 @@ def logged_values(runs: list[Run], key: str) -> list[float]:
 def summarize(groups: dict[tuple[str, str], list[Run]]) -> list[dict]:
     """One row of numbers per group (the columns of report.csv)."""
     rows = []
+    lm_eval_columns = sorted({c for runs in groups.values() for r in runs for c in r.lm_eval})
     for (experiment, name), runs in groups.items():
         row = {"group": name, "experiment": experiment, "n_seeds": len(runs),
                "seeds": " ".join(str(r.seed) for r in runs),
@@ -145,6 +159,10 @@ def summarize(groups: dict[tuple[str, str], list[Run]]) -> list[dict]:
             row[f"{column}_mean"], row[f"{column}_std"] = mean_std(values)
             row[f"{column}_n"] = len(values)
         row["tokens_per_sec"] = mean_std(logged_values(runs, "train_tokens_per_sec"))[0]
+        for column in lm_eval_columns:
+            values = [r.lm_eval[column] for r in runs if column in r.lm_eval]
+            row[f"{column}_mean"], row[f"{column}_std"] = mean_std(values)
+            row[f"{column}_n"] = len(values)
         rows.append(row)
     for reference in REFERENCES:
         pooled = [r for (experiment, _), runs in groups.items() if experiment == reference for r in runs]
@@ -156,23 +174,26 @@ def summarize(groups: dict[tuple[str, str], list[Run]]) -> list[dict]:
     return rows
 
 
-def _mean_std_cell(row: dict, column: str) -> str:
+def _mean_std_cell(row: dict, column: str, fmt: str = ",.2f") -> str:
     mean, std, n = row[f"{column}_mean"], row[f"{column}_std"], row[f"{column}_n"]
     if mean is None:
         return "-"
-    return f"{mean:,.2f} ± {std:,.2f}" if n > 1 else f"{mean:,.2f} (n=1)"
+    return f"{mean:{fmt}} ± {std:{fmt}}" if n > 1 else f"{mean:{fmt}} (n=1)"
 
 
 def markdown_table(rows: list[dict]) -> str:
+    lm_eval_columns = [k.removesuffix("_mean") for k in rows[0] if k.startswith(LM_EVAL) and k.endswith("_mean")]
     header = ["group", "experiment", "#seeds", "total params", "trainable params", "val ppl", "test ppl",
-              "test word ppl", *(f"Δ test ppl vs {r}" for r in REFERENCES), "tokens/s"]
+              "test word ppl", *(f"Δ test ppl vs {r}" for r in REFERENCES), "tokens/s",
+              *(c.removeprefix(LM_EVAL) for c in lm_eval_columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for row in rows:
         deltas = [row[f"delta_test_ppl_vs_{r}_pct"] for r in REFERENCES]
         cells = [f"`{row['group']}`", row["experiment"], str(row["n_seeds"]), f"{row['total_params']:,}",
                  f"{row['trainable_params']:,}", *(_mean_std_cell(row, c) for c in METRICS),
                  *("-" if d is None else f"{d:+.2f}%" for d in deltas),
-                 "-" if row["tokens_per_sec"] is None else f"{row['tokens_per_sec']:,.0f}"]
+                 "-" if row["tokens_per_sec"] is None else f"{row['tokens_per_sec']:,.0f}",
+                 *(_mean_std_cell(row, c, ".3f") for c in lm_eval_columns)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -268,17 +289,14 @@ def plot_lr_schedules(groups: dict[tuple[str, str], list[Run]], path: Path) -> N
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="python -m tsparse.report", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m tsparse.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="run dirs or folders holding them")
     parser.add_argument("--out", type=Path, help="output folder (default: the first PATH)")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors(OSError):
         runs = find_runs(args.paths)
         if not runs:
             raise ConfigError(f"no run directories (results.json + config.yaml) under {', '.join(map(str, args.paths))}")
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     out = args.out or args.paths[0]
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)

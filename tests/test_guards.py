@@ -3,10 +3,9 @@ import pytest
 import torch
 
 import tsparse.train as train_mod
+from tsparse.checkpoint import load_checkpoint
 from tsparse.lit_module import CausalLMModule, NonFiniteError
 from tsparse.train import run
-
-from conftest import compose_cfg, nano_overrides
 
 SMALL = ("sparse=peer", "peer.num_experts=256", "peer.key_dim=16", "trainer.max_steps=6",
          "trainer.val_check_interval=3", "callbacks.model_checkpoint.every_n_train_steps=1", "test=false")
@@ -44,20 +43,21 @@ def faulty(monkeypatch):
 
 @pytest.mark.parametrize("fault,needle", [("loss", "non-finite loss (nan) at step 3"),
                                           ("grad", "non-finite gradient in param groups ['peer'] at step 3")])
-def test_stop_policy_raises_and_writes_no_poisoned_checkpoint(fault, needle, faulty, tmp_path, wikitext_small):
+def test_stop_policy_raises_and_writes_no_poisoned_checkpoint(fault, needle, faulty, tmp_path, wikitext_small, compose,
+                                                              nano):
     FaultyModule.fault = fault
     with pytest.raises(NonFiniteError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
                        .replace("]", r"\]")):
-        run(compose_cfg(nano_overrides(tmp_path, wikitext_small, *SMALL)))
-    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+        run(compose(nano(tmp_path, wikitext_small, *SMALL)))
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 3
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
 
 
 @pytest.mark.parametrize("fault", ["loss", "grad"])
-def test_skip_policy_skips_the_step(fault, faulty, tmp_path, wikitext_small):
+def test_skip_policy_skips_the_step(fault, faulty, tmp_path, wikitext_small, compose, nano):
     FaultyModule.fault = fault
-    results = run(compose_cfg(nano_overrides(tmp_path, wikitext_small, *SMALL, "optim.on_non_finite=skip")))
+    results = run(compose(nano(tmp_path, wikitext_small, *SMALL, "optim.on_non_finite=skip")))
     module = faulty[0]
     assert module.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in module.parameters())

@@ -3,7 +3,7 @@ import subprocess
 import sys
 import zipfile
 
-from conftest import REPO
+import pytest
 
 SCRIPT = """
 import tsparse, tsparse.callbacks
@@ -16,8 +16,9 @@ print(tsparse.__file__, config_dir(), cfg.strategy.name, tsparse.callbacks.Phase
 """
 
 
-def test_wheel_ships_callbacks_and_configs(tmp_path):
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
+@pytest.mark.slow
+def test_wheel_ships_callbacks_and_configs(tmp_path, repo):
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "--no-build-isolation",
                             "-q", "-w", str(tmp_path / "dist")], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("tsparse-*.whl"))

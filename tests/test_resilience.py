@@ -12,27 +12,34 @@ from tsparse.config import ConfigError
 from tsparse.report import read_metrics
 from tsparse.train import run
 
-from conftest import REPO, compose_cfg, nano_overrides, run_cli
-from test_strategies import SMALL_MODULES
-
-COMMON = ("sparse=triple", *SMALL_MODULES, "strategy=diff_lr", "strategy.phase_steps=8", "trainer.max_steps=24",
-          "trainer.val_check_interval=4", "callbacks.model_checkpoint.every_n_train_steps=4",
-          "trainer.log_every_n_steps=1", "logger.csv.flush_logs_every_n_steps=1", "test=false")
+SCHEDULE = ("strategy=diff_lr", "strategy.phase_steps=8", "trainer.max_steps=24", "trainer.val_check_interval=4",
+            "callbacks.model_checkpoint.every_n_train_steps=4", "trainer.log_every_n_steps=1",
+            "logger.csv.flush_logs_every_n_steps=1", "test=false")
 LRS = [f"lr-SparseAwareAdamW/{g}" for g in ("engram", "peer", "mhc")]
 
 
-def cli_args(tmp_path, data_dir, *extra):
-    return [a for a in nano_overrides(tmp_path, data_dir, *COMMON, *extra) if not a.startswith("paths.output_dir")] + [
-        f"hydra.run.dir={tmp_path / 'run'}"]
+@pytest.fixture
+def common(small_modules):
+    return ("sparse=triple", *small_modules, *SCHEDULE)
 
 
-def test_sigkill_mid_phase_then_resume_matches_uninterrupted(tmp_path, wikitext_small):
-    full = run_cli("tsparse.train", *cli_args(tmp_path / "full", wikitext_small))
+@pytest.fixture
+def cli_args(nano, common):
+    def args(tmp_path, data_dir, *extra):
+        return [a for a in nano(tmp_path, data_dir, *common, *extra) if not a.startswith("paths.output_dir")] + [
+            f"hydra.run.dir={tmp_path / 'run'}"]
+
+    return args
+
+
+@pytest.mark.slow
+def test_sigkill_mid_phase_then_resume_matches_uninterrupted(tmp_path, wikitext_small, cli, cli_args, repo):
+    full = cli("tsparse.train", *cli_args(tmp_path / "full", wikitext_small))
     assert full.returncode == 0, full.stderr[-2000:]
 
     killed_dir = tmp_path / "killed"
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tsparse.train", *cli_args(killed_dir, wikitext_small)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "tsparse.train", *cli_args(killed_dir, wikitext_small)], cwd=repo,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = killed_dir / "run" / "checkpoints" / "step000012.ckpt"  # inside phase 2 (steps 8-15)
     deadline = time.time() + 240
@@ -49,7 +56,7 @@ def test_sigkill_mid_phase_then_resume_matches_uninterrupted(tmp_path, wikitext_
     assert ckpt.exists(), "the run ended or timed out before its step-12 checkpoint"
     assert not (killed_dir / "run" / "results.json").exists()  # it really died mid-run
 
-    resumed = run_cli("tsparse.train", *cli_args(killed_dir, wikitext_small), "ckpt_path=last")
+    resumed = cli("tsparse.train", *cli_args(killed_dir, wikitext_small), "ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = read_metrics(tmp_path / "full" / "run"), read_metrics(killed_dir / "run")
     assert max(b) == max(a) == 23
@@ -58,11 +65,12 @@ def test_sigkill_mid_phase_then_resume_matches_uninterrupted(tmp_path, wikitext_
         assert abs(a[step]["train/loss"] - b[step]["train/loss"]) < 1e-4, step
 
 
-def test_damaged_checkpoints_are_reported_and_skipped(tmp_path, wikitext_small):
-    cfg_args = nano_overrides(tmp_path, wikitext_small, "sparse=triple", *SMALL_MODULES, "trainer.max_steps=8",
+@pytest.mark.slow
+def test_damaged_checkpoints_are_reported_and_skipped(tmp_path, wikitext_small, compose, nano, cli, small_modules):
+    cfg_args = nano(tmp_path, wikitext_small, "sparse=triple", *small_modules, "trainer.max_steps=8",
                               "trainer.val_check_interval=4", "callbacks.model_checkpoint.every_n_train_steps=4",
                               "test=false")
-    run(compose_cfg(cfg_args))
+    run(compose(cfg_args))
     ckpt_dir = tmp_path / "run" / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     data = last.read_bytes()
@@ -71,16 +79,16 @@ def test_damaged_checkpoints_are_reported_and_skipped(tmp_path, wikitext_small):
         check_checkpoint(last)
     fallback = newest_valid_checkpoint(ckpt_dir)
     assert fallback is not None and fallback.name.startswith("step")
-    out = run_cli("tsparse.train", *[a for a in cfg_args if not a.startswith("paths.output_dir")],
+    out = cli("tsparse.train", *[a for a in cfg_args if not a.startswith("paths.output_dir")],
                   f"hydra.run.dir={tmp_path / 'run'}", f"ckpt_path={last}")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {last} is corrupt or truncated")
 
 
-def test_same_seed_same_losses(tmp_path, wikitext_small):
+def test_same_seed_same_losses(tmp_path, wikitext_small, compose, nano, common):
     losses = []
     for name in ("a", "b"):
-        run(compose_cfg(nano_overrides(tmp_path / name, wikitext_small, *COMMON, "trainer.max_steps=6")))
+        run(compose(nano(tmp_path / name, wikitext_small, *common, "trainer.max_steps=6")))
         metrics = read_metrics(tmp_path / name / "run")
         losses.append([metrics[s]["train/loss"] for s in range(6)])
     assert losses[0] == losses[1]

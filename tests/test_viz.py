@@ -1,21 +1,22 @@
 """tsparse.viz on a real tiny Engram run: gate capture, heatmap PNGs, n-gram tables, W&B images, errors."""
 import math
 import re
+import shutil
 
 import pytest
 import torch
 from matplotlib.image import imread
 
 from tsparse import viz
+from tsparse import eval as eval_cli
 from tsparse.eval import load_for_eval
 
-from test_report import one_thread, tiny_run  # noqa: F401 (fixture)
 
 TEXT = "The game was released in Japan in 2011 , and the series was praised for its story and its music ."
 
 
 @pytest.fixture(scope="module")
-def engram_run(tmp_path_factory, wikitext_small, one_thread):
+def engram_run(tmp_path_factory, wikitext_small, one_thread, tiny_run):
     root = tmp_path_factory.mktemp("engram")
     tiny_run(root, wikitext_small, root / "run", "+experiment=engram")
     return root / "run"
@@ -72,10 +73,26 @@ def test_heatmaps_ngram_tables_and_wandb_images(engram_run, tmp_path, monkeypatc
     assert len(logged) == len(layers)
 
 
-def test_run_without_engram_is_a_one_line_error(tmp_path, wikitext_small, one_thread, capsys):
+def test_run_without_engram_is_a_one_line_error(tmp_path, wikitext_small, one_thread, tiny_run, capsys):
     tiny_run(tmp_path, wikitext_small, tmp_path / "run", "+experiment=baseline")
     with pytest.raises(SystemExit) as exit_info:
         viz.main([str(tmp_path / "run")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no Engram module" in err
+
+
+def test_unsafe_checkpoint_is_refused_and_never_runs(engram_run, tmp_path, poison, capsys):
+    """viz and eval load through checkpoint.load_checkpoint (weights_only=True): the payload never runs."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(engram_run, run_dir, ignore=shutil.ignore_patterns("viz"))
+    marker = tmp_path / "created-by-the-pickle"
+    poison(run_dir / "checkpoints" / "last.ckpt", marker)
+    for main in (viz.main, eval_cli.main):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(run_dir)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert f"checkpoint {run_dir / 'checkpoints' / 'last.ckpt'} is refused: it holds more than weights" in err
+    assert not marker.exists()

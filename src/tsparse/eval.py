@@ -15,19 +15,17 @@ directory (its --checkpoint) or a .ckpt file inside a run directory.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from tsparse.cli import ArgumentParser, one_line_errors, positive_int
 from tsparse.config import ConfigError, project_root
 from tsparse.data import load_wikitext
-from tsparse.hub import HubUnreachableError
 
 
 @torch.no_grad()
@@ -87,25 +85,24 @@ def split_texts(run_cfg, data_dir: str | None = None, hub: bool = False) -> dict
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m tsparse.eval", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m tsparse.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", type=Path)
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    parser.add_argument("--context", type=int, default=256)
-    parser.add_argument("--stride", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--context", type=positive_int, default=256)
+    parser.add_argument("--stride", type=positive_int, default=128)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--checkpoint", default="last", help="for a run dir: best, last (default) or a .ckpt path")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data-dir", help="local folder with train/validation/test.txt (default: the run's data)")
     source.add_argument("--hub", action="store_true", help="WikiText-2 from the HF hub")
     parser.add_argument("--output", type=Path, help="also write the result as JSON here")
     args = parser.parse_args(argv)
-    try:
+    if args.output and not args.output.parent.is_dir():
+        parser.error(f"--output {args.output}: folder {args.output.parent} does not exist")
+    with one_line_errors(OSError):
         model, tokenizer, cfg = load_for_eval(args.path, args.checkpoint)
         texts = split_texts(cfg, args.data_dir, args.hub)
         result = perplexity(model, tokenizer, texts[args.split], args.context, args.stride, args.batch_size)
-    except (ConfigError, HubUnreachableError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     result.update(path=str(args.path), split=args.split)
     print(json.dumps(result, indent=2))
     if args.output:

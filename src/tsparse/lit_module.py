@@ -32,6 +32,8 @@ class CausalLMModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model"])
         self.val_nll, self.test_nll = MeanMetric(), MeanMetric()
         self.skipped_steps = 0
+        self.skip_step = False
+        self.frozen_now: list[nn.Parameter] = []
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids).logits
@@ -41,13 +43,32 @@ class CausalLMModule(L.LightningModule):
         logits = self(input_ids)[:, :-1].float()
         return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), input_ids[:, 1:].reshape(-1))
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
-        if not torch.isfinite(loss):
-            self._non_finite(f"loss ({loss.item()})")
-            return None  # Lightning skips backward and the optimizer step
+        finite = torch.isfinite(loss)
+        # One decision for all ranks (an all-reduce under DDP), so that they all stop or all skip.
+        self.skip_step = bool(self.trainer.strategy.reduce((~finite).float(), reduce_op="max") > 0)
+        if self.skip_step:
+            self._non_finite(f"loss ({loss.item()})" if not finite else "loss on another rank")
+            # Every rank still runs backward (where DDP syncs); configure_gradient_clipping drops the grads.
+            return loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def on_train_batch_start(self, batch: torch.Tensor, batch_idx: int) -> None:
+        """On several devices, a group frozen by the phase schedule keeps requires_grad (DDP registered its
+        hooks for every param, and it has no sparse grad for unused tables); its grads are dropped before
+        the step instead, so the other groups get exactly the gradients of a single-device run."""
+        self.frozen_now = []
+        if self.trainer.world_size > 1:
+            params = [p for opt in self.trainer.optimizers for g in opt.param_groups for p in g["params"]]
+            self.frozen_now = [p for p in params if not p.requires_grad]
+            for p in self.frozen_now:
+                p.requires_grad_(True)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        for p in self.frozen_now:
+            p.grad = None
 
     def _non_finite(self, what: str) -> None:
         """Stop (default) or skip the step, per `optim.on_non_finite`; nothing poisoned is ever stepped."""
@@ -93,6 +114,9 @@ class CausalLMModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Sparse-aware global-norm clipping (torch's clip_grad_norm_ rejects sparse grads)."""
+        if self.skip_step:  # a non-finite loss under on_non_finite=skip: the step moves nothing
+            optimizer.zero_grad(set_to_none=True)
+            return
         params = [p for g in optimizer.param_groups for p in g["params"]]
         norm = grad_norm_and_clip_(params, self.optim_cfg["grad_clip"])
         if not torch.isfinite(norm):

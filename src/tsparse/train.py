@@ -6,22 +6,24 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
-import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from tsparse.build import build_datamodule, build_model
+from tsparse.cli import hydra_main, one_line_errors
 from tsparse.callbacks import PhaseLRCallback, TokenThroughput, check_schedule_fits, parse_phases
-from tsparse.checkpoint import check_checkpoint, newest_valid_checkpoint
+from tsparse.checkpoint import load_checkpoint, newest_valid_checkpoint
 from tsparse.config import ConfigError, config_dir, to_container, validate
 from tsparse.export import save_model, save_run_model_card
-from tsparse.hub import HubUnreachableError
 from tsparse.lit_module import CausalLMModule, NonFiniteError
 from tsparse.loggers import use_wandb_offline_without_key
 from tsparse.registry import params_by_group
@@ -48,27 +50,78 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 
 def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
     """`ckpt_path=last` -> the newest valid checkpoint of this run dir (last.ckpt unless damaged);
-    `auto` -> the same if there is one, else a fresh start; refuse to silently start over on top of
-    existing checkpoints."""
+    `auto` -> the same if there is one, else a fresh start (None); refuse to silently start over on top
+    of existing checkpoints. The checkpoint to resume is safe-loaded first (`load_checkpoint`), so an
+    unsafe one is refused in one line before Lightning reads it."""
     existing = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
     if cfg.ckpt_path in ("last", "auto"):
         newest = newest_valid_checkpoint(ckpt_dir) if existing else None
-        if newest is not None:
-            return str(newest)
-        if cfg.ckpt_path == "last":
+        if newest is None and cfg.ckpt_path == "last":
             raise ConfigError(f"ckpt_path=last but {ckpt_dir} holds no valid checkpoint; run without ckpt_path first")
-        if existing:
-            shutil.rmtree(ckpt_dir)  # auto, and only damaged checkpoints: nothing to resume
-        return None
-    if cfg.ckpt_path is None:
+    elif cfg.ckpt_path is None:
         if existing and not cfg.overwrite:
             raise ConfigError(f"{ckpt_dir} already holds checkpoints; pass ckpt_path=last to resume, "
                               "overwrite=true to start over, or change the overrides")
-        if existing:
-            shutil.rmtree(ckpt_dir)
+        newest = None
+    else:
+        newest = Path(cfg.ckpt_path)
+    if newest is not None:
+        load_checkpoint(newest, mmap=True)
+    return None if newest is None else str(newest)
+
+
+def set_aside(run_dir: Path, ckpt_dir: Path) -> Path | None:
+    """Before a fresh start, move what a previous run left in `run_dir` (and `ckpt_dir`) to
+    `<parent>/.replaced/<run name>.<time>/`, so that the new run never appends to its metrics.csv,
+    results.json or W&B run (wandb_id.txt). Kept: this invocation's Hydra files (`.hydra/`, and the job
+    log, which Hydra holds open: its old lines are copied aside and it is emptied). Returns the folder,
+    or None if there was nothing to move."""
+    keep = {HydraConfig.get().output_subdir} if HydraConfig.initialized() else set()
+    logs = {Path(h.baseFilename) for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)}
+    old = [p for p in run_dir.iterdir() if p.name not in keep and not (p in logs and p.stat().st_size == 0)]
+    if ckpt_dir.is_dir() and run_dir not in ckpt_dir.parents:
+        old.append(ckpt_dir)
+    if not old:
         return None
-    check_checkpoint(cfg.ckpt_path)
-    return str(cfg.ckpt_path)
+    trash = run_dir.parent / ".replaced"
+    trash.mkdir(exist_ok=True)
+    aside = Path(tempfile.mkdtemp(dir=trash, prefix=f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}."))
+    for path in old:
+        if path in logs:
+            shutil.copy2(path, aside / path.name)
+            os.truncate(path, 0)
+        else:
+            path.rename(aside / path.name)
+    return aside
+
+
+def experiments() -> list[str]:
+    return sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+
+
+def check(cfg: DictConfig) -> list:
+    """Everything a run is refused for before anything is built or written, one line each; returns its phases."""
+    validate(cfg)
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise ConfigError(f"seed={cfg.seed!r} must be an integer")
+    for key in ("train", "test", "overwrite"):
+        if not isinstance(cfg[key], bool):
+            raise ConfigError(f"{key}={cfg[key]!r} must be true or false")
+    for key in ("paths.output_dir", "paths.ckpt_dir"):
+        if not isinstance(value := OmegaConf.select(cfg, key), str) or not value:
+            raise ConfigError(f"{key}={value!r} must be a directory path")
+    phases = parse_phases(cfg.strategy.phases)
+    if cfg.train and not cfg.sparse.modules and cfg.optim.base == "frozen":
+        raise ConfigError(f"nothing to train (sparse=none, optim.base=frozen): pick an experiment with "
+                          f"+experiment=NAME, one of {experiments()}, or set sparse=... or optim.base=finetune")
+    strategy = str(cfg.trainer.get("strategy") or "")
+    sparse = [f"{m}.sparse_grad" for m in ("engram", "peer") if m in cfg.sparse.modules and cfg[m].sparse_grad]
+    if strategy.startswith("fsdp") and sparse:
+        raise ConfigError(f"trainer.strategy={strategy} cannot shard sparse gradients (FSDP has none): set "
+                          f"{'=false '.join(sparse)}=false (dense tables, AdamW) or use trainer=ddp")
+    if cfg.ckpt_path not in (None, "last", "auto"):
+        load_checkpoint(cfg.ckpt_path, mmap=True)
+    return phases
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -104,8 +157,7 @@ def finished_results(cfg: DictConfig, run_dir: Path) -> dict | None:
 
 
 def run(cfg: DictConfig) -> dict:
-    validate(cfg)
-    phases = parse_phases(cfg.strategy.phases)
+    phases = check(cfg)
     check_schedule_fits(phases, cfg.trainer.max_steps)
     run_dir = Path(cfg.paths.output_dir)
     if (results := finished_results(cfg, run_dir)) is not None:
@@ -113,6 +165,8 @@ def run(cfg: DictConfig) -> dict:
         return results
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg, Path(cfg.paths.ckpt_dir)) if cfg.train else None
+    if ckpt_path is None and rank_zero_only.rank == 0 and (aside := set_aside(run_dir, Path(cfg.paths.ckpt_dir))):
+        log.info("fresh start in a used run dir: moved the previous run to %s", aside)
     write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
 
@@ -134,7 +188,7 @@ def run(cfg: DictConfig) -> dict:
 
     start = time.perf_counter()
     if cfg.train:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     else:
         trainer.validate(module, datamodule=datamodule)
     results = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
@@ -167,13 +221,11 @@ def run(cfg: DictConfig) -> dict:
     return results
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+@hydra_main("train", check)
 def main(cfg: DictConfig) -> float | None:
     try:
-        results = run(cfg)
-    except (ConfigError, HubUnreachableError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        with one_line_errors():
+            results = run(cfg)
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(3) from None

@@ -4,12 +4,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from tsparse.checks import ConfigError, check_choice, check_positive
+from tsparse.checks import ConfigError, check_choice, check_positive  # noqa: F401 (ConfigError re-exported)
 from tsparse.registry import KINDS
 
 PACKAGE_DIR = Path(__file__).resolve().parent

@@ -1,4 +1,5 @@
 """Sparse-aware optimizer and clipping."""
+import copy
 import torch
 from torch import nn
 
@@ -70,12 +71,74 @@ def test_no_clipping_below_threshold_and_step_after_clipping():
     assert norm > 0 and not torch.equal(before, table.detach())
 
 
-def test_table_lr_scale_is_per_group_or_global():
-    from tsparse.lit_module import CausalLMModule
-    from tsparse.modules.peer import PEER
-    model = nn.ModuleDict({"peer": PEER(32, 64, heads=2, top_k=4, key_dim=8), "head": nn.Linear(32, 32)})
-    optim = {"base": "finetune", "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0}
-    per_group = CausalLMModule(model, {**optim, "table_lr_scale": {"peer": 7.0}}).configure_optimizers()
-    assert {g["name"]: g["table_lr_scale"] for g in per_group.param_groups} == {"peer": 7.0, "base": 1.0}
-    shared = CausalLMModule(model, {**optim, "table_lr_scale": 3.0}).configure_optimizers()
-    assert {g["name"]: g["table_lr_scale"] for g in shared.param_groups} == {"peer": 3.0, "base": 3.0}
+def test_tables_step_at_group_lr():
+    table, dense, _ = sparse_setup()
+    grad = table.grad.coalesce().to_dense()[3]
+    before = table.detach()[3].clone()
+    opt = SparseAwareAdamW([{"name": "peer_table", "params": [table], "lr": 0.5}, {"name": "peer", "params": [dense]}],
+                           lr=0.1)
+    opt.step()
+    torch.testing.assert_close(table.detach()[3], before - 0.5 * grad / grad.pow(2).mean().sqrt())
+
+
+def test_dense_groups_decay_and_lr_changes_match_torch_adamw():
+    torch.manual_seed(0)
+    w, b = nn.Parameter(torch.randn(6, 5)), nn.Parameter(torch.randn(5))
+    w2, b2 = (nn.Parameter(t.detach().clone()) for t in (w, b))
+    ours = SparseAwareAdamW([{"name": "mhc", "params": [w, b]}], lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW([{"params": [w2], "weight_decay": 0.1}, {"params": [b2], "weight_decay": 0.0}],
+                            lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    for lr in [1e-2, 3e-3, 5e-2, 1e-3]:  # per-step LR changes, as the phase callback makes them
+        for (p, q), opt in (((w, b), ours), ((w2, b2), ref)):
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.zero_grad()
+            (p.sin().sum() + (q.sin() * 2).sum()).backward()
+            opt.step()
+    torch.testing.assert_close(w, w2)
+    torch.testing.assert_close(b, b2)
+
+
+def test_bf16_params_keep_fp32_master_and_survive_resume():
+    torch.manual_seed(0)
+    ref = nn.Parameter(torch.randn(8, 8))
+    low = nn.Parameter(ref.detach().bfloat16())
+    fp32 = nn.Parameter(low.detach().float())
+    make = lambda p: SparseAwareAdamW([{"name": "base", "params": [p]}], lr=1e-5)
+    opt_low, opt_fp32 = make(low), make(fp32)
+    for p, opt in ((low, opt_low), (fp32, opt_fp32)):
+        for _ in range(3):
+            opt.zero_grad()
+            p.grad = torch.ones_like(p)
+            opt.step()
+    # 3 updates of 1e-5 each vanish in bf16 without a master copy; the master keeps them exactly.
+    torch.testing.assert_close(opt_low.state[low]["master"], fp32.detach())
+    assert low.dtype == torch.bfloat16 and torch.equal(low.detach(), fp32.detach().bfloat16())
+
+    resumed_p = nn.Parameter(low.detach().clone())
+    resumed = make(resumed_p)
+    resumed.load_state_dict(copy.deepcopy(opt_low.state_dict()))  # as from a checkpoint file
+    assert all(v.dtype == torch.float32 for v in resumed.state[resumed_p].values())
+    for p, opt in ((low, opt_low), (resumed_p, resumed)):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    torch.testing.assert_close(resumed.state[resumed_p]["master"], opt_low.state[low]["master"], rtol=0, atol=0)
+
+
+def test_state_clear_resets_moments():
+    torch.manual_seed(0)
+    a = nn.Parameter(torch.randn(4, 4))
+    b = nn.Parameter(a.detach().clone())
+    ours = SparseAwareAdamW([a], lr=1e-2)
+    ours.zero_grad()
+    a.pow(2).sum().backward()
+    ours.step()
+    ours.state.clear()
+    ref = torch.optim.AdamW([b], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+    with torch.no_grad():
+        b.copy_(a)
+    for p, opt in ((a, ours), (b, ref)):
+        opt.zero_grad()
+        p.sin().sum().backward()
+        opt.step()
+    torch.testing.assert_close(a, b)

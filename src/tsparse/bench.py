@@ -1,6 +1,7 @@
 """Efficiency benchmark: params, memory, inference throughput and training-step time vs expert count.
 
     python -m tsparse.bench bench=micro          # or bench=ci (seconds), bench=tinyllama
+    python -m tsparse.bench bench=peers          # vs peer-pytorch / hyper-connections (extra `bench`)
 
 Models are built at random init (weights do not affect speed) for the no-PEER baseline, each
 expert count, and each extra module set (`bench.module_sets`, inference only: per-module overhead). Inference throughput is the median over `iters` timed forwards after `warmup`; the
@@ -13,18 +14,17 @@ from __future__ import annotations
 import gc
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 import torch
 from omegaconf import DictConfig, open_dict
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from tsparse.augment import augment, param_groups, params_by_group
-from tsparse.config import ConfigError, config_dir, to_container
+from tsparse.checks import check_min
+from tsparse.cli import hydra_main, one_line_errors
+from tsparse.models import architecture_model
+from tsparse.registry import param_counts_by_kind, trainable_groups
 from tsparse.optim import SparseAwareAdamW, grad_norm_and_clip_
 
 
@@ -40,7 +40,7 @@ def build(cfg: DictConfig, modules: list[str], experts: int, sparse_grad: bool) 
         cfg.peer.sparse_grad = sparse_grad
         cfg.peer.table_dtype = cfg.bench.table_dtype
     torch.manual_seed(cfg.seed)
-    return augment(LlamaForCausalLM(LlamaConfig(**to_container(cfg.model.config))), cfg)
+    return architecture_model(cfg)
 
 
 def timed(fn, warmup: int, iters: int) -> list[float]:
@@ -77,7 +77,7 @@ def bench_inference(model, ids, cfg) -> dict[str, float]:
 
 
 def bench_train_step(model, ids, cfg) -> dict[str, float]:
-    groups = [{"name": n, "params": p} for n, p in param_groups(model, "frozen").items() if p]
+    groups = [{"name": n, "params": p} for n, p in trainable_groups(model, "frozen").items() if p]
     optimizer = SparseAwareAdamW(groups, lr=1e-3)
 
     def step():
@@ -90,8 +90,8 @@ def bench_train_step(model, ids, cfg) -> dict[str, float]:
 
     s = spread(timed(step, cfg.bench.warmup, cfg.bench.iters))
     tables = [t for m in model.modules() if hasattr(m, "table_parameters") for t in m.table_parameters()]
-    state = sum(v.numel() * v.element_size() for t in tables for v in optimizer.state[t].values()
-                if torch.is_tensor(v))
+    state = sum(v.numel() * v.element_size() for t in tables for k, v in optimizer.state[t].items()
+                if torch.is_tensor(v) and k != "step")  # AdamW's step count is a scalar tensor
     table_bytes = sum(t.numel() * t.element_size() for t in tables)
     return {"step_s": s["median"], "step_s_q1": s["q1"], "step_s_q3": s["q3"],
             "table_state_ratio": state / table_bytes if table_bytes else 0.0}
@@ -115,7 +115,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> str:
         before = rss_bytes()
         model = build(cfg, modules, experts, sparse_grad=True).to(device).eval()
         row = {"config": label, "experts": experts if "peer" in modules else 0}
-        row.update({f"params_{g}": sum(p.numel() for _, p in v) for g, v in params_by_group(model).items()})
+        row.update({f"params_{kind}": n for kind, n in param_counts_by_kind(model).items()})
         row["params_total"] = sum(v for k, v in row.items() if k.startswith("params_"))
         row.update(bench_inference(model, ids, cfg))
         row["model_gb"] = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 1e9
@@ -215,13 +215,33 @@ def plot(rows: list[dict], out_dir: Path) -> None:
     plt.close(fig)
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="bench")
+def check(cfg: DictConfig) -> None:
+    """The integer settings of any bench preset (sizes, counts >= 1; warm-up >= 0), one line each."""
+    for key, value in cfg.bench.items():
+        if key in ("warmup", "batch_size", "seq_len", "iters", "repeats", "tokens", "heads", "top_k", "key_dim"):
+            check_min(f"bench.{key}", value, 0 if key == "warmup" else 1)
+        elif key in ("experts", "dims"):
+            for i, item in enumerate(value):
+                check_min(f"bench.{key}[{i}]", item, 1)
+
+
+@hydra_main("bench", check)
 def main(cfg: DictConfig) -> None:
-    try:
-        print(run_bench(cfg, Path(HydraConfig.get().runtime.output_dir)))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    with one_line_errors():
+        out_dir = Path(HydraConfig.get().runtime.output_dir)
+        if cfg.bench.name == "peers":  # tsparse vs the reference implementations
+            from tsparse.bench_peers import run_peers
+
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "bench.md").write_text(run_peers(cfg))
+            return
+        if cfg.bench.name == "generate":  # greedy tokens/s with KV cache, triple vs base
+            from tsparse.bench_generate import run_generate
+
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "bench.md").write_text(run_generate(cfg))
+            return
+        print(run_bench(cfg, out_dir))
 
 
 if __name__ == "__main__":

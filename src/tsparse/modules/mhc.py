@@ -12,22 +12,49 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tsparse.checks import check_choice, check_layers, check_min
 from tsparse.modules import rms_ratio
 
 Branch = Callable[[Tensor], Tensor]
 
+VARIANTS = ("hyper", "adapter")
 REDUCE_MODES = ("mean", "learned")
 
 
-def _check_min(key: str, value: int, minimum: int) -> None:
-    if not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+@dataclass
+class MHCSpec:
+    """mHC hyperparameters and placement (the `mhc` config group). `variant=hyper` is real mHC (n
+    residual streams, Sinkhorn H_res); `adapter` is the original seed's gated residual adapter."""
+
+    layers: list[int] = field(default_factory=list)   # layers with a learnable H; the others read the mean
+    variant: str = "hyper"
+    streams: int = 4
+    reduce: str = "mean"        # mean | learned: stream weights before the final norm
+    sinkhorn_iters: int = 20
+    alpha_init: float = 0.01
+    post_bias: float = 1.0
+    res_diag_bias: float = 1.0
+    adapter_bottleneck: int = 64
+
+    def __post_init__(self):
+        check_layers("mhc.layers", self.layers)
+        check_choice("mhc.variant", self.variant, VARIANTS)
+        check_min("mhc.streams", self.streams, 2)
+        check_choice("mhc.reduce", self.reduce, REDUCE_MODES)
+        check_min("mhc.sinkhorn_iters", self.sinkhorn_iters, 1)
+        check_min("mhc.adapter_bottleneck", self.adapter_bottleneck, 1)
+
+    @property
+    def num_streams(self) -> int:
+        """Residual streams of the model: `streams` for real mHC, 1 for the adapter variant."""
+        return self.streams if self.variant == "hyper" else 1
 
 
 def _no_autocast(device_type: str):
@@ -36,17 +63,27 @@ def _no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
+EXP_SPREAD = 30.0  # below this logit spread per matrix, exp() of the shifted logits cannot underflow fp32
+
+
 def sinkhorn(logits: Tensor, iters: int = 20) -> Tensor:
     """Doubly-stochastic projection of ``[..., n, n]`` logits, in fp32 (also under autocast).
 
-    Equivalent to ``exp`` then alternating row / column normalisation, carried out in the log
-    domain so that large logits never underflow a whole row. Ends on the column step, so column
-    sums are 1 to rounding (that is what preserves the stream mean).
+    ``exp`` then alternating row / column normalisation, batched over all matrices: in the exp
+    domain (two reductions and two divisions an iteration) when every matrix's logit spread is
+    under EXP_SPREAD, else in the log domain, so that large logits never underflow a whole row.
+    Ends on the column step, so column sums are 1 to rounding (that is what preserves the stream mean).
     """
-    _check_min("sinkhorn_iters", iters, 1)
+    check_min("sinkhorn_iters", iters, 1)
     with _no_autocast(logits.device.type):
         log_p = logits.float()
-        log_p = log_p - log_p.amax(dim=(-2, -1), keepdim=True)
+        log_p = log_p - log_p.amax(dim=(-2, -1), keepdim=True).detach()  # the result is shift-invariant
+        if log_p.is_meta or bool(log_p.amin() > -EXP_SPREAD):
+            p = log_p.exp()
+            for _ in range(iters):
+                p = p / p.sum(dim=-1, keepdim=True)  # rows
+                p = p / p.sum(dim=-2, keepdim=True)  # columns
+            return p
         for _ in range(iters):
             log_p = log_p - log_p.logsumexp(dim=-1, keepdim=True)  # rows
             log_p = log_p - log_p.logsumexp(dim=-2, keepdim=True)  # columns
@@ -55,7 +92,7 @@ def sinkhorn(logits: Tensor, iters: int = 20) -> Tensor:
 
 def expand_streams(h: Tensor, n: int) -> Tensor:
     """Copy the embedding ``[B, T, d]`` into ``n`` identical streams ``[B, T, n, d]``."""
-    _check_min("streams", n, 1)
+    check_min("streams", n, 1)
     return h.unsqueeze(-2).expand(*h.shape[:-1], n, h.shape[-1]).contiguous()
 
 
@@ -67,13 +104,16 @@ class StreamReduce(nn.Module):
 
     def __init__(self, streams: int, mode: str = "mean"):
         super().__init__()
-        _check_min("streams", streams, 1)
-        if mode not in REDUCE_MODES:
-            raise ValueError(f"mode must be one of {REDUCE_MODES}, got {mode!r}")
-        self.streams = streams
-        self.mode = mode
-        learned = mode == "learned"
-        self.weight = nn.Parameter(torch.full((streams,), 1.0 / streams)) if learned else None
+        check_min("streams", streams, 1)
+        check_choice("mhc.reduce", mode, REDUCE_MODES)
+        self.streams, self.mode = streams, mode
+        self.weight = nn.Parameter(torch.empty(streams)) if mode == "learned" else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.constant_(self.weight, 1.0 / self.streams)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.weight is None:
@@ -101,55 +141,55 @@ class HyperConnection(nn.Module):
 
     track_stats: bool = False
 
-    def __init__(
-        self,
-        dim: int,
-        streams: int = 4,
-        sinkhorn_iters: int = 20,
-        alpha_init: float = 0.01,
-        post_bias: float = 1.0,
-        res_diag_bias: float = 1.0,
-        norm_eps: float = 1e-5,
-    ):
+    def __init__(self, dim: int, spec: MHCSpec, norm_eps: float = 1e-5):
         super().__init__()
-        _check_min("dim", dim, 1)
-        _check_min("streams", streams, 2)  # n = 1 is a plain residual: use uniform_step
-        _check_min("sinkhorn_iters", sinkhorn_iters, 1)
-        n = streams
-        self.dim, self.streams, self.sinkhorn_iters = dim, n, sinkhorn_iters
+        check_min("dim", dim, 1)
+        n = spec.streams
+        self.dim, self.streams, self.sinkhorn_iters = dim, n, spec.sinkhorn_iters
+        self.alpha_init, self.post_bias, self.res_diag_bias = spec.alpha_init, spec.post_bias, spec.res_diag_bias
         self.stats: dict[str, Tensor] = {}
 
         self.norm = nn.RMSNorm(n * dim, eps=norm_eps)
-        self.phi_pre = nn.Parameter(torch.zeros(n * dim, n))
-        self.phi_post = nn.Parameter(torch.zeros(n * dim, n))
-        self.phi_res = nn.Parameter(torch.zeros(n * dim, n * n))
-        self.alpha_pre = nn.Parameter(torch.tensor(float(alpha_init)))
-        self.alpha_post = nn.Parameter(torch.tensor(float(alpha_init)))
-        self.alpha_res = nn.Parameter(torch.tensor(float(alpha_init)))
+        self.phi_pre = nn.Parameter(torch.empty(n * dim, n))
+        self.phi_post = nn.Parameter(torch.empty(n * dim, n))
+        self.phi_res = nn.Parameter(torch.empty(n * dim, n * n))
+        self.alpha_pre = nn.Parameter(torch.empty(()))
+        self.alpha_post = nn.Parameter(torch.empty(()))
+        self.alpha_res = nn.Parameter(torch.empty(()))
+        self.b_pre = nn.Parameter(torch.empty(n))
+        self.b_post = nn.Parameter(torch.empty(n))
+        self.b_res = nn.Parameter(torch.empty(n, n))
+        self.reset_parameters()
 
-        # sigmoid(b_pre) = 1/n: read the stream mean
-        self.b_pre = nn.Parameter(torch.full((n,), math.log(1.0 / (n - 1))))
-        # +a_k / -a_k pairs: 2 sigmoid(a) + 2 sigmoid(-a) = 2, so mean H_post = 1 (odd n: one 0).
-        # Distinct a_k, else equal-bias streams stay identical forever (permutation symmetry).
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """phi = 0; sigmoid(b_pre) = 1/n (read the stream mean); b_post in +a_k / -a_k pairs, so that
+        2 sigmoid(a) + 2 sigmoid(-a) = 2 gives mean H_post = 1 (odd n: one 0), with distinct a_k, else
+        equal-bias streams stay identical forever; b_res a moderate diagonal (symmetric with equal row
+        sums, hence already doubly stochastic)."""
+        n = self.streams
+        self.norm.reset_parameters()
+        for phi in (self.phi_pre, self.phi_post, self.phi_res):
+            nn.init.zeros_(phi)
+        for alpha in (self.alpha_pre, self.alpha_post, self.alpha_res):
+            nn.init.constant_(alpha, self.alpha_init)
+        nn.init.constant_(self.b_pre, math.log(1.0 / (n - 1)))
         pairs = n // 2
-        b_post = torch.zeros(n)
-        for k in range(pairs):
-            b_post[2 * k] = post_bias * (pairs - k) / pairs
-            b_post[2 * k + 1] = -b_post[2 * k]
-        self.b_post = nn.Parameter(b_post)
-        # moderate diagonal: symmetric with equal row sums, hence already doubly stochastic
-        self.b_res = nn.Parameter(res_diag_bias * torch.eye(n))
+        magnitudes = [self.post_bias * (pairs - k) / pairs for k in range(pairs)]
+        b_post = [v for a in magnitudes for v in (a, -a)] + [0.0] * (n % 2)
+        self.b_post.copy_(torch.tensor(b_post))
+        self.b_res.copy_(self.res_diag_bias * torch.eye(n))
 
     def mixing(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per-token ``H_pre [B,T,n]``, ``H_post [B,T,n]``, ``H_res [B,T,n,n]``, in fp32."""
         n = self.streams
-        x_norm = self.norm(x.flatten(-2))
-        phi = torch.cat((self.phi_pre, self.phi_post, self.phi_res), dim=-1)
-        proj = (x_norm @ phi.to(x_norm.dtype)).float()
-        proj_pre, proj_post, proj_res = proj.split((n, n, n * n), dim=-1)
-        h_pre = torch.sigmoid(self.alpha_pre * proj_pre + self.b_pre)
-        h_post = 2 * torch.sigmoid(self.alpha_post * proj_post + self.b_post)
-        res_logits = self.alpha_res * proj_res.unflatten(-1, (n, n)) + self.b_res
+        with _no_autocast(x.device.type):  # x~ phi in fp32, as DeepSeek computes it
+            x_norm = F.rms_norm(x.flatten(-2).float(), (n * self.dim,), self.norm.weight.float(), self.norm.eps)
+            phi = torch.cat((self.phi_pre, self.phi_post, self.phi_res), dim=-1).float()
+            proj_pre, proj_post, proj_res = (x_norm @ phi).split((n, n, n * n), dim=-1)
+            h_pre = torch.sigmoid(self.alpha_pre * proj_pre + self.b_pre)
+            h_post = 2 * torch.sigmoid(self.alpha_post * proj_post + self.b_post)
+            res_logits = self.alpha_res * proj_res.unflatten(-1, (n, n)) + self.b_res
         return h_pre, h_post, sinkhorn(res_logits, self.sinkhorn_iters)
 
     def forward(self, x: Tensor, branch: Branch) -> Tensor:
@@ -160,7 +200,9 @@ class HyperConnection(nn.Module):
         out = branch(h)
         with _no_autocast(x.device.type):
             write = h_post.to(x.dtype).unsqueeze(-1) * out.to(x.dtype).unsqueeze(-2)
-            x_new = torch.einsum("...ij,...jd->...id", h_res.to(x.dtype), x) + write
+            n, d = self.streams, self.dim  # x_new = H_res x + write, one batched kernel
+            x_new = torch.baddbmm(write.reshape(-1, n, d), h_res.to(x.dtype).reshape(-1, n, n),
+                                  x.reshape(-1, n, d)).view_as(x)
         if self.track_stats:
             self._record(x, h_post, h_res, write)
         return x_new
@@ -187,11 +229,17 @@ class GatedResidualAdapter(nn.Module):
 
     def __init__(self, dim: int, bottleneck: int = 64):
         super().__init__()
-        _check_min("dim", dim, 1)
-        _check_min("bottleneck", bottleneck, 1)
+        check_min("dim", dim, 1)
+        check_min("mhc.adapter_bottleneck", bottleneck, 1)
         self.down = nn.Linear(dim, bottleneck)
         self.up = nn.Linear(bottleneck, dim)
         self.gate = nn.Linear(dim, 1)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.down.reset_parameters()
+        self.gate.reset_parameters()
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 

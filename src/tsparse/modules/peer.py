@@ -1,26 +1,56 @@
 """PEER: parameter-efficient expert retrieval (He, "Mixture of A Million Experts", 2024)."""
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from tsparse.modules import rms_ratio
+from tsparse.checks import ConfigError, check_choice, check_layers, check_min
+from tsparse.modules import TABLE_DTYPES, rms_ratio
+from tsparse.modules.peer_kernels import ExpertMix, SubKeyTopK
 
 GATES = ("softmax", "relu")
 
 
 def experts_side(num_experts: int) -> int:
-    """sqrt(num_experts), or ValueError if it is not a positive perfect square."""
+    """sqrt(num_experts), or ConfigError if it is not a positive perfect square."""
     side = math.isqrt(num_experts) if num_experts > 0 else 0
     if side == 0 or side * side != num_experts:
-        raise ValueError(
+        raise ConfigError(
             f"peer.num_experts={num_experts} must be a positive perfect square "
             "(e.g. 16384=128², 65536, 262144, 589824, 802816)"
         )
     return side
+
+
+@dataclass
+class PEERSpec:
+    """PEER hyperparameters and placement (the `peer` config group; defaults of the paper)."""
+
+    layers: list[int] = field(default_factory=list)   # decoder layers whose output PEER is added to
+    num_experts: int = 16384    # a perfect square: 128² ... 896²
+    heads: int = 4
+    top_k: int = 8
+    key_dim: int = 64
+    gate: str = "softmax"       # softmax over the k scores (paper) | relu (non-competing, the seed's code)
+    query_batchnorm: bool = False
+    input_norm: bool = True     # parameter-free RMSNorm on PEER's input (the seed read the raw residual)
+    table_dtype: str = "float32"  # float32 | bfloat16: storage only, gathered rows are computed in fp32
+    sparse_grad: bool = True    # row-sparse table grads + row-wise AdaGrad; false: dense grads + AdamW
+
+    def __post_init__(self):
+        check_layers("peer.layers", self.layers)
+        side = experts_side(self.num_experts)
+        check_min("peer.heads", self.heads, 1)
+        check_min("peer.key_dim", self.key_dim, 1)
+        check_min("peer.top_k", self.top_k, 1)
+        if self.top_k > side:
+            raise ConfigError(f"peer.top_k={self.top_k} must be in [1, sqrt(num_experts)={side}]")
+        check_choice("peer.gate", self.gate, GATES)
+        check_choice("peer.table_dtype", self.table_dtype, TABLE_DTYPES)
 
 
 class PEER(nn.Module):
@@ -37,26 +67,21 @@ class PEER(nn.Module):
     affine parameters (and its running-stat buffers). The input RMSNorm has no parameters.
     """
 
-    def __init__(self, dim: int, num_experts: int, heads: int = 4, top_k: int = 8, key_dim: int = 64,
-                 gate: str = "softmax", query_batchnorm: bool = False, input_norm: bool = True,
-                 table_dtype: torch.dtype = torch.float32, sparse_grad: bool = True,
-                 norm_eps: float = 1e-5):
+    def __init__(self, dim: int, spec: PEERSpec, norm_eps: float = 1e-5):
         super().__init__()
-        side = experts_side(num_experts)
-        if gate not in GATES:
-            raise ValueError(f"peer.gate={gate!r} must be one of {', '.join(map(repr, GATES))}")
-        if not 1 <= top_k <= side:
-            raise ValueError(f"peer.top_k={top_k} must be in [1, sqrt(num_experts)={side}]")
-        self.dim, self.num_experts, self.side = dim, num_experts, side
-        self.heads, self.top_k, self.key_dim = heads, top_k, key_dim
-        self.gate, self.input_norm, self.sparse_grad, self.norm_eps = gate, input_norm, sparse_grad, norm_eps
+        check_min("dim", dim, 1)
+        self.dim, self.num_experts, self.side = dim, spec.num_experts, experts_side(spec.num_experts)
+        self.heads, self.top_k, self.key_dim = spec.heads, spec.top_k, spec.key_dim
+        self.gate, self.input_norm, self.sparse_grad, self.norm_eps = spec.gate, spec.input_norm, spec.sparse_grad, norm_eps
+        heads, key_dim, num_experts, side = spec.heads, spec.key_dim, spec.num_experts, self.side
+        table_dtype = TABLE_DTYPES[spec.table_dtype]
 
         self.query = nn.Linear(dim, 2 * heads * key_dim, bias=False)
-        self.query_norm = nn.BatchNorm1d(2 * heads * key_dim) if query_batchnorm else None
+        self.query_norm = nn.BatchNorm1d(2 * heads * key_dim) if spec.query_batchnorm else None
         self.keys = nn.Parameter(torch.empty(heads, side, 2, key_dim))
         # nn.Embedding(sparse=...) so that DistributedDataParallel knows these grads are sparse.
-        self.down = nn.Embedding(num_experts, dim, sparse=sparse_grad, dtype=table_dtype)  # u_i
-        self.up = nn.Embedding(num_experts, dim, sparse=sparse_grad, dtype=table_dtype)    # v_i
+        self.down = nn.Embedding(num_experts, dim, sparse=spec.sparse_grad, dtype=table_dtype)  # u_i
+        self.up = nn.Embedding(num_experts, dim, sparse=spec.sparse_grad, dtype=table_dtype)    # v_i
 
         self.track_stats = False
         self.stats: dict[str, Tensor] = {}
@@ -69,6 +94,13 @@ class PEER(nn.Module):
         nn.init.normal_(self.keys, std=self.key_dim ** -0.5)
         nn.init.normal_(self.down.weight, std=self.dim ** -0.5)
         nn.init.zeros_(self.up.weight)  # exact zero output at init
+        if self.query_norm is not None:
+            self.query_norm.reset_parameters()
+        self.reset_buffers()
+
+    def reset_buffers(self):
+        """Refill the non-persistent buffers (after `to_empty` or a meta-device load)."""
+        self.reset_usage()
 
     @staticmethod
     def param_count(dim: int, num_experts: int, heads: int = 4, key_dim: int = 64) -> int:
@@ -89,9 +121,7 @@ class PEER(nn.Module):
         q = self.query(x)
         if self.query_norm is not None:
             q = self.query_norm(q)
-        q = q.view(-1, self.heads, 2, self.key_dim)
-        sub = torch.einsum("mhpd,hspd->mhps", q, self.keys)          # [M, h, 2, sqrtN]
-        s, i = sub.topk(self.top_k, dim=-1)                           # [M, h, 2, k]
+        s, i = SubKeyTopK.apply(q.view(-1, self.heads, 2, self.key_dim), self.keys, self.top_k)  # [M, h, 2, k]
         cand_s = s[..., 0, :, None] + s[..., 1, None, :]              # [M, h, k, k]
         cand_i = i[..., 0, :, None] * self.side + i[..., 1, None, :]
         scores, best = cand_s.flatten(-2).topk(self.top_k, dim=-1)    # [M, h, k]
@@ -109,10 +139,7 @@ class PEER(nn.Module):
         scores, idx = self._retrieve(h)
         gate = scores.softmax(dim=-1) if self.gate == "softmax" else F.relu(scores)
         idx, gate = idx.flatten(1), gate.flatten(1)                   # [M, h*k]
-        u = self.down(idx).float()  # [M, h*k, dim]
-        v = self.up(idx).float()
-        act = F.gelu(torch.einsum("mnd,md->mn", u, h)) * gate
-        out = torch.einsum("mn,mnd->md", act, v)
+        out = ExpertMix.apply(h, idx, gate, self.down.weight, self.up.weight, self.sparse_grad)
 
         if self.track_stats:
             with torch.no_grad():

@@ -17,7 +17,7 @@ from tsparse.tokenizer import load_or_train_bpe
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _base_path(cfg: DictConfig) -> str:
+def base_path(cfg: DictConfig) -> str:
     """`model.name_or_path`: a local HF dir, or a hub id (fails fast offline)."""
     path = str(cfg.name_or_path)
     if not Path(path).is_dir():
@@ -44,7 +44,7 @@ def base_with_modules(cfg: DictConfig, specs: dict, hash_seed: int, train_text: 
                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
         config = TsparseConfig.from_base(base, specs, hash_seed, tokenizer)
         return TsparseForCausalLM(config).to(dtype), tokenizer
-    path = _base_path(cfg)
+    path = base_path(cfg)
     tokenizer = AutoTokenizer.from_pretrained(path)
     config = TsparseConfig.from_base(AutoConfig.from_pretrained(path), specs, hash_seed, tokenizer)
     return TsparseForCausalLM.from_pretrained(path, config=config, dtype=dtype), tokenizer

@@ -25,6 +25,7 @@ from tsparse.checkpoint import load_checkpoint, newest_valid_checkpoint
 from tsparse.config import ConfigError, config_dir, to_container, validate
 from tsparse.export import save_model, save_run_model_card
 from tsparse.lit_module import CausalLMModule, NonFiniteError
+from tsparse.models import base_path
 from tsparse.loggers import use_wandb_offline_without_key
 from tsparse.registry import params_by_group
 
@@ -121,6 +122,8 @@ def check(cfg: DictConfig) -> list:
                           f"{'=false '.join(sparse)}=false (dense tables, AdamW) or use trainer=ddp")
     if cfg.ckpt_path not in (None, "last", "auto"):
         load_checkpoint(cfg.ckpt_path, mmap=True)
+    if cfg.model.kind == "micro" and not cfg.model.from_scratch:
+        base_path(cfg.model)  # the pretrained micro base must exist (a hub id is checked when it loads)
     return phases
 
 

@@ -16,6 +16,14 @@ def one_error_line(capsys, call) -> str:
     return err
 
 
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> str:
+    """`paths.artifact_dir` holding a (stand-in) pretrained micro base, as after +experiment=pretrain_micro."""
+    root = tmp_path_factory.mktemp("artifacts")
+    (root / "micro-base").mkdir()
+    return f"paths.artifact_dir={root}"
+
+
 @pytest.mark.parametrize("argv,needles", [
     ([], ["nothing to train", "+experiment=NAME", "'diff_lr'", "'pretrain_micro'"]),
     (["model=nope"], ["Could not find 'model/nope'", "micro, nano, tinyllama"]),
@@ -32,17 +40,24 @@ def one_error_line(capsys, call) -> str:
     (["+experiment=peer", "ckpt_path=/no/such.ckpt"], ["checkpoint /no/such.ckpt does not exist"]),
     (["+experiment=peer", "trainer=fsdp"], ["cannot shard sparse gradients", "peer.sparse_grad=false"]),
 ])
-def test_train_precheck_is_one_line_before_any_directory(argv, needles, tmp_path, capsys):
+def test_train_precheck_is_one_line_before_any_directory(argv, needles, tmp_path, capsys, artifacts):
     run_dir = tmp_path / "run"
-    err = one_error_line(capsys, lambda: precheck("train", [*argv, f"hydra.run.dir={run_dir}",
+    err = one_error_line(capsys, lambda: precheck("train", [*argv, f"hydra.run.dir={run_dir}", artifacts,
                                                             f"hydra.sweep.dir={tmp_path / 'sweep'}"], check))
     assert all(n in err for n in needles), err
     assert not list(tmp_path.iterdir())
 
 
-def test_precheck_passes_good_command_lines(tmp_path):
+def test_precheck_passes_good_command_lines(tmp_path, artifacts):
     for argv in (["+experiment=diff_lr"], ["-m", "+study=quality"], ["-m", "+experiment=peer", "peer=16k,65k"]):
-        precheck("train", [*argv, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep"], check)
+        precheck("train", [*argv, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep", artifacts], check)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_missing_micro_base_is_refused_before_any_directory(tmp_path, capsys):
+    err = one_error_line(capsys, lambda: precheck("train", ["+experiment=diff_lr", f"hydra.run.dir={tmp_path}/run",
+                                                            f"paths.artifact_dir={tmp_path}/none"], check))
+    assert "micro-base' does not exist" in err and "+experiment=pretrain_micro" in err
     assert not list(tmp_path.iterdir())
 
 

@@ -202,8 +202,8 @@ class TsparseModel(_SparseModuleInit, LlamaModel):
         self.layers = nn.ModuleList([TsparseDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
-        streams = config.num_streams
-        self.stream_reduce = StreamReduce(streams, config.mhc["reduce"]) if streams > 1 else None
+        self.num_streams = config.num_streams
+        self.stream_reduce = StreamReduce(self.num_streams, config.mhc["reduce"]) if self.num_streams > 1 else None
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -226,7 +226,7 @@ class TsparseModel(_SparseModuleInit, LlamaModel):
                                   cache=cache, position_ids=position_ids)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
 
-        streams = self.config.num_streams
+        streams = self.num_streams
         x = expand_streams(inputs_embeds, streams) if streams > 1 else inputs_embeds   # [B, T, n, d] or [B, T, d]
         for layer in self.layers[: self.config.num_hidden_layers]:
             x = layer(x, input_ids=input_ids, attention_mask=mask, position_embeddings=position_embeddings,

@@ -148,6 +148,13 @@ def base_test_ppl(cfg: DictConfig, module: CausalLMModule, datamodule, run_dir: 
     return json.loads(path.read_text()).get("test/ppl")
 
 
+def print_summary(cfg: DictConfig, results: dict) -> None:
+    """The run's last line: its test perplexity, the base's and the change."""
+    ppl, base = results.get("test/ppl"), results.get("base/test_ppl")
+    if ppl is not None and base is not None:
+        print(f"{cfg.experiment_name}: test ppl {ppl:.2f} vs base {base:.2f} ({100 * (ppl - base) / base:+.2f}%)", flush=True)
+
+
 def finished_results(cfg: DictConfig, run_dir: Path) -> dict | None:
     """Under `ckpt_path=auto`, the results of this run dir if it already finished this config's
     step budget (so that re-running an interrupted sweep skips its done cells), else None."""
@@ -165,6 +172,7 @@ def run(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     if (results := finished_results(cfg, run_dir)) is not None:
         log.info("%s already finished (ckpt_path=auto): keeping its results.json", run_dir)
+        print_summary(cfg, results)
         return results
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg, Path(cfg.paths.ckpt_dir)) if cfg.train else None
@@ -214,10 +222,7 @@ def run(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
         log.info("results: %s", json.dumps(results))
-        if base_ppl is not None and "test/ppl" in results:
-            ppl = results["test/ppl"]
-            print(f"{cfg.experiment_name}: test ppl {ppl:.2f} vs base {base_ppl:.2f} "
-                  f"({100 * (ppl - base_ppl) / base_ppl:+.2f}%)", flush=True)
+        print_summary(cfg, results)
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()  # the next multirun job starts its own W&B run

@@ -39,6 +39,7 @@ def artifacts(tmp_path_factory) -> str:
     (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
     (["+experiment=peer", "ckpt_path=/no/such.ckpt"], ["checkpoint /no/such.ckpt does not exist"]),
     (["+experiment=peer", "trainer=fsdp"], ["cannot shard sparse gradients", "peer.sparse_grad=false"]),
+    (["+experiment=peer", "peer.layers=[9]"], ["peer.layers=[9]: [9] outside this model's layers [0, 7]"]),
 ])
 def test_train_precheck_is_one_line_before_any_directory(argv, needles, tmp_path, capsys, artifacts):
     run_dir = tmp_path / "run"

@@ -35,3 +35,11 @@ def check_layers(key: str, layers: Iterable[Any]) -> None:
     layers = list(layers)
     if any(not _is_int(i) or i < 0 for i in layers) or len(set(layers)) != len(layers):
         raise ConfigError(f"{key}={layers} must be distinct non-negative layer indices")
+
+
+def check_placement(specs: dict, num_layers: int) -> None:
+    """Every spec's `layers` lie inside a model of `num_layers` decoder layers."""
+    for kind, spec in specs.items():
+        bad = [i for i in spec.layers if i >= num_layers]
+        if bad:
+            raise ConfigError(f"{kind}.layers={spec.layers}: {bad} outside this model's layers [0, {num_layers - 1}]")

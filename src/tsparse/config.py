@@ -8,7 +8,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from tsparse.checks import ConfigError, check_choice, check_positive  # noqa: F401 (ConfigError re-exported)
+from tsparse.checks import ConfigError, check_choice, check_placement, check_positive  # noqa: F401 (ConfigError re-exported)
 from tsparse.registry import KINDS
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -69,7 +69,8 @@ def validate(cfg: DictConfig) -> None:
     check_positive("optim.grad_clip", cfg.optim.grad_clip, allow_zero=True)
     check_positive("optim.warmup_steps", cfg.optim.warmup_steps, allow_zero=True)
     check_positive("trainer.max_steps", cfg.trainer.max_steps)
-    module_specs(cfg)
+    # the model config group gives the architecture (a base loaded from elsewhere is checked when it loads)
+    check_placement(module_specs(cfg), cfg.model.config.num_hidden_layers)
     if cfg.ckpt_path is not None and not isinstance(cfg.ckpt_path, str):
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} must be null, 'last', 'auto' or a path to a .ckpt file")
 

@@ -20,7 +20,6 @@ import math
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from tsparse.cli import ArgumentParser, one_line_errors, positive_int
@@ -66,12 +65,10 @@ def perplexity(model: nn.Module, tokenizer, text: str, context: int, stride: int
 
 def load_for_eval(path: Path, checkpoint: str = "last"):
     """(model, tokenizer, run config or None) from an HF dir, a hub id, a run dir or a .ckpt in one."""
-    from tsparse.export import load_model
+    from tsparse.export import load_model, run_config
 
-    run_dir = path.parent.parent if path.suffix == ".ckpt" else path
-    run_cfg = OmegaConf.load(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
     model, tokenizer = load_model(path, checkpoint)
-    return model, tokenizer, run_cfg
+    return model, tokenizer, run_config(path.parent.parent if path.suffix == ".ckpt" else path)
 
 
 def split_texts(run_cfg, data_dir: str | None = None, hub: bool = False) -> dict[str, str]:

@@ -9,19 +9,18 @@ in so that OUT_DIR is never half-written; LoRA adapters are merged into the base
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from tsparse.checks import ConfigError
 from tsparse.checkpoint import load_checkpoint
-from tsparse.hub import HubUnreachableError, require_hub
+from tsparse.cli import ArgumentParser, one_line_errors
+from tsparse.hub import require_hub
 from tsparse.modeling import TsparseForCausalLM
 
 MODEL_SUBDIR = "model"
@@ -68,6 +67,12 @@ def run_checkpoint(run_dir: Path, which: str = "last") -> Path:
     return path
 
 
+def run_config(run_dir: Path) -> DictConfig | None:
+    """The run's resolved Hydra config (RUN_DIR/config.yaml), or None for a dir without one."""
+    path = run_dir / "config.yaml"
+    return OmegaConf.load(path) if path.is_file() else None
+
+
 def load_run(run_dir: Path, which: str = "last"):
     """(model, tokenizer) of a run dir at one of its checkpoints, in eval mode, LoRA merged."""
     from transformers import AutoConfig, AutoTokenizer
@@ -79,7 +84,7 @@ def load_run(run_dir: Path, which: str = "last"):
         raise ConfigError(f"{run_dir} is not a tsparse run dir (no {MODEL_SUBDIR}/config.json)")
     ckpt = run_checkpoint(run_dir, which)
     model = TsparseForCausalLM(AutoConfig.from_pretrained(card))
-    run_cfg = OmegaConf.load(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    run_cfg = run_config(run_dir)
     lora = run_cfg is not None and run_cfg.optim.base == "lora"
     if lora:
         from tsparse.lora import add_lora
@@ -113,19 +118,16 @@ def load_model(path: str | Path, which: str = "last"):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tsparse.export", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m tsparse.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--checkpoint", default="last", help="best, last (default) or a .ckpt path")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors(OSError):
         if args.out_dir.resolve() == args.run_dir.resolve():
             raise ConfigError("OUT_DIR must differ from RUN_DIR")
         model, tokenizer = load_run(args.run_dir, args.checkpoint)
         save_model(model, tokenizer, args.out_dir)
-    except (ConfigError, HubUnreachableError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(f"exported {args.run_dir} ({args.checkpoint}) to {args.out_dir}")
 
 

@@ -26,6 +26,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer, LlamaModel, LlamaPreTrainedModel, LlamaRMSNorm, LlamaRotaryEmbedding,
 )
 
+from tsparse.checks import ConfigError, check_placement
 from tsparse.modules.engram import Engram, EngramSpec, EngramState, compressed_token_map, draw_multipliers
 from tsparse.modules.mhc import GatedResidualAdapter, HyperConnection, MHCSpec, StreamReduce, expand_streams, uniform_step
 from tsparse.modules.peer import PEER, PEERSpec
@@ -49,17 +50,13 @@ class TsparseConfig(LlamaConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         specs = self.module_specs()  # validates every spec
-        for kind, spec in specs.items():
-            bad = [i for i in spec.layers if i >= self.num_hidden_layers]
-            if bad:
-                raise ValueError(f"{kind}.layers={spec.layers}: {bad} outside this model's layers "
-                                 f"[0, {self.num_hidden_layers - 1}]")
+        check_placement(specs, self.num_hidden_layers)
         engram = specs.get("engram")
         if engram is not None and self.engram_multipliers is None:
             self.engram_multipliers = [draw_multipliers(self.engram_hash_seed, i, max(engram.orders))
                                        for i in engram.layers]
         if engram is not None and engram.compress_tokens and self.engram_token_map is None:
-            raise ValueError("engram.compress_tokens=true needs engram_token_map (TsparseConfig.from_base(..., tokenizer=))")
+            raise ConfigError("engram.compress_tokens=true needs engram_token_map (TsparseConfig.from_base(..., tokenizer=))")
 
     def module_specs(self) -> dict[str, Any]:
         """The typed spec of every attached kind, e.g. {"peer": PEERSpec(...)}."""
@@ -72,13 +69,13 @@ class TsparseConfig(LlamaConfig):
     @classmethod
     def from_base(cls, base: LlamaConfig, specs: dict[str, Any], hash_seed: int = 0, tokenizer=None) -> "TsparseConfig":
         """The base's architecture with the given module specs attached."""
-        fields = {k: v for k, v in base.to_dict().items() if k not in ("model_type", "architectures", *KINDS)}
-        fields = {k: v for k, v in fields.items() if not k.startswith("engram_")}
+        fields = {k: v for k, v in base.to_dict().items()
+                  if k not in ("model_type", "architectures", *KINDS) and not k.startswith("engram_")}
         token_map = None
         engram = specs.get("engram")
         if engram is not None and engram.compress_tokens:
             if tokenizer is None:
-                raise ValueError("engram.compress_tokens=true needs the tokenizer")
+                raise ConfigError("engram.compress_tokens=true needs the tokenizer")
             token_map = compressed_token_map(tokenizer, base.vocab_size)
         return cls(**fields, **{k: dataclasses.asdict(s) for k, s in specs.items()}, engram_hash_seed=hash_seed,
                    engram_token_map=token_map)

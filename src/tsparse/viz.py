@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from tsparse.cli import ArgumentParser, one_line_errors, positive_int
 from tsparse.config import ConfigError
 from tsparse.eval import load_for_eval, split_texts
+from tsparse.export import run_config
 from tsparse.modules.engram import Engram
 
 DEFAULT_TEXT_TOKENS = 60
@@ -165,8 +166,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--wandb", action="store_true", help="also log the heatmaps to W&B")
     args = parser.parse_args(argv)
     with one_line_errors(OSError):
-        run_config = args.path / "config.yaml"
-        if run_config.is_file() and "engram" not in OmegaConf.load(run_config).sparse.modules:
+        run_cfg = run_config(args.path)
+        if run_cfg is not None and "engram" not in run_cfg.sparse.modules:
             raise ConfigError(f"{args.path} has no Engram module; train one with sparse=engram, hybrid or triple")
         model, tokenizer, cfg = load_for_eval(args.path)
         if not engram_modules(model):

@@ -34,6 +34,18 @@ def test_bench_ci_writes_sane_outputs(tmp_path):
     assert image.shape[0] == 400 and image.shape[1] == 1000
 
 
+@pytest.mark.slow
+def test_bench_compares_compiled_and_eager_steps(tmp_path):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("bench", overrides=["bench=ci", "bench.experts=[256]", "bench.module_sets=[]", "bench.train_paths=[]",
+                                          "bench.compile=[mhc]", "bench.iters=3", "bench.warmup=1"])
+    table = run_bench(cfg, tmp_path)
+    result = json.loads((tmp_path / "bench.json").read_text())["compile"]
+    assert result["modules"] == "mhc" and result["layers"] == 4 and result["graphs"] > 0
+    assert result["ratio_q1"] <= result["ratio"] <= result["ratio_q3"] and result["eager_step_s"] > 0
+    assert f"compiled / eager {result['ratio']:.3f}" in table
+
+
 def test_params_cli_reproduces_the_seed_table(capsys):
     rows = params_main(["model=tinyllama", "sparse=peer", "--experts", "16384", "65536", "262144", "589824", "802816"])
     assert [r["total"] for r in rows] == [1_236_494_336, 1_639_278_592, 3_250_153_472, 5_934_770_176, 7_679_731_712]

@@ -2,12 +2,14 @@
 
     python -m tsparse.bench bench=micro          # or bench=ci (seconds), bench=tinyllama
     python -m tsparse.bench bench=peers          # vs peer-pytorch / hyper-connections (extra `bench`)
+    python -m tsparse.bench bench=generate       # greedy tokens/s with a KV cache, triple vs base
 
 Models are built at random init (weights do not affect speed) for the no-PEER baseline, each
 expert count, and each extra module set (`bench.module_sets`, inference only: per-module overhead). Inference throughput is the median over `iters` timed forwards after `warmup`; the
 training step (forward, backward, clipping, optimizer step; frozen base) is timed for the
 row-sparse path (row-wise AdaGrad on the tables) and the dense path (dense grads, AdamW).
-Writes bench.csv, bench.json, bench.md and PNG plots into the run directory.
+`bench.compile` (a module set) times that set's training step eagerly and with `compile: true`,
+interleaved. Writes bench.csv, bench.json, bench.md and PNG plots into the run directory.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import gc
 import json
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -22,7 +25,9 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from tsparse.checks import check_min
+from tsparse.bench_peers import interleaved, paired
 from tsparse.cli import hydra_main, one_line_errors
+from tsparse.lit_module import compiled, next_token_loss
 from tsparse.models import architecture_model
 from tsparse.registry import param_counts_by_kind, trainable_groups
 from tsparse.optim import SparseAwareAdamW, grad_norm_and_clip_
@@ -76,18 +81,24 @@ def bench_inference(model, ids, cfg) -> dict[str, float]:
     return {"infer_tok_s": tokens / s["median"], "infer_tok_s_q1": tokens / s["q3"], "infer_tok_s_q3": tokens / s["q1"]}
 
 
-def bench_train_step(model, ids, cfg) -> dict[str, float]:
+def train_step(model, ids, compile: bool = False):
+    """(step, optimizer): one training step of `model` on `ids` (forward, backward, clipping, optimizer
+    step; frozen base), with the loss under torch.compile if `compile`."""
     groups = [{"name": n, "params": p} for n, p in trainable_groups(model, "frozen").items() if p]
     optimizer = SparseAwareAdamW(groups, lr=1e-3)
+    loss_fn = compiled(partial(next_token_loss, model)) if compile else partial(next_token_loss, model)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        logits = model(ids).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
-        loss.backward()
+        loss_fn(ids).backward()
         grad_norm_and_clip_([p for g in groups for p in g["params"]], 1.0)
         optimizer.step()
 
+    return step, optimizer
+
+
+def bench_train_step(model, ids, cfg) -> dict[str, float]:
+    step, optimizer = train_step(model, ids)
     s = spread(timed(step, cfg.bench.warmup, cfg.bench.iters))
     tables = [t for m in model.modules() if hasattr(m, "table_parameters") for t in m.table_parameters()]
     state = sum(v.numel() * v.element_size() for t in tables for k, v in optimizer.state[t].items()
@@ -95,6 +106,28 @@ def bench_train_step(model, ids, cfg) -> dict[str, float]:
     table_bytes = sum(t.numel() * t.element_size() for t in tables)
     return {"step_s": s["median"], "step_s_q1": s["q1"], "step_s_q3": s["q3"],
             "table_state_ratio": state / table_bytes if table_bytes else 0.0}
+
+
+def bench_compile(cfg: DictConfig, ids) -> dict:
+    """The `bench.compile` module set's training step, eager vs `compile: true` (same weights),
+    interleaved: medians, the paired ratio, the first compiled step (compilation) and graph count."""
+    from torch._dynamo.utils import counters
+
+    modules = list(cfg.bench.compile)
+    eager, _ = train_step(build(cfg, modules, cfg.peer.num_experts, sparse_grad=True).to(ids.device).train(), ids)
+    model = build(cfg, modules, cfg.peer.num_experts, sparse_grad=True).to(ids.device).train()
+    compiled_step, _ = train_step(model, ids, compile=True)
+    counters.clear()
+    start = time.perf_counter()
+    compiled_step()
+    compile_s = time.perf_counter() - start
+    times = interleaved({"eager": eager, "compiled": compiled_step}, cfg.bench.warmup, cfg.bench.iters)
+    ratios = [c / e for c, e in zip(times["compiled"], times["eager"])]
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {"modules": "+".join(modules), "layers": len(model.model.layers),
+            "eager_step_s": statistics.median(times["eager"]), "compiled_step_s": statistics.median(times["compiled"]),
+            "ratio": paired(times, "compiled", "eager"), "ratio_q1": q[0], "ratio_q3": q[2],
+            "first_step_s": compile_s, "graphs": counters["stats"]["unique_graphs"]}
 
 
 def run_bench(cfg: DictConfig, out_dir: Path) -> str:
@@ -134,7 +167,13 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> str:
         del model
         rows.append(row)
     add_ratios(rows, cfg.bench.train_paths)
-    return write_outputs(rows, cfg, out_dir)
+    compile_row = None
+    if cfg.bench.get("compile"):
+        gc.collect()
+        compile_row = bench_compile(cfg, ids)
+        print(f"[bench] compile: {compile_row['modules']} training step {compile_row['compiled_step_s'] * 1e3:.1f} ms "
+              f"vs eager {compile_row['eager_step_s'] * 1e3:.1f} ms", flush=True)
+    return write_outputs(rows, cfg, out_dir, compile_row)
 
 
 def add_ratios(rows: list[dict], train_paths) -> None:
@@ -147,7 +186,7 @@ def add_ratios(rows: list[dict], train_paths) -> None:
                 row[f"{path}_step_vs_first"] = row[f"{path}_step_s"] / first[f"{path}_step_s"]
 
 
-def write_outputs(rows: list[dict], cfg: DictConfig, out_dir: Path) -> str:
+def write_outputs(rows: list[dict], cfg: DictConfig, out_dir: Path, compile_row: dict | None = None) -> str:
     import csv
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,8 +199,15 @@ def write_outputs(rows: list[dict], cfg: DictConfig, out_dir: Path) -> str:
     meta = {"preset": cfg.bench.name, "device": device, "batch_size": cfg.bench.batch_size,
             "seq_len": cfg.bench.seq_len, "warmup": cfg.bench.warmup, "iters": cfg.bench.iters,
             "table_dtype": cfg.bench.table_dtype, "torch": torch.__version__}
-    (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows, "compile": compile_row}, indent=2))
     table = markdown_table(rows, cfg.bench.train_paths, meta)
+    if compile_row is not None:
+        c = compile_row
+        table += (f"\nTraining step of {c['modules']} with `compile: true` (torch.compile, inductor) vs eager, "
+                  f"interleaved: {c['compiled_step_s'] * 1e3:.1f} vs {c['eager_step_s'] * 1e3:.1f} ms, "
+                  f"**compiled / eager {c['ratio']:.3f}** (IQR of the paired ratios {c['ratio_q1']:.3f}-"
+                  f"{c['ratio_q3']:.3f}); first step (compiling) {c['first_step_s']:.0f} s, {c['graphs']} graphs "
+                  f"captured for {c['layers']} layers.\n")
     (out_dir / "bench.md").write_text(table)
     plot(rows, out_dir)
     return table

@@ -2,14 +2,31 @@
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import Callable
+
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from tsparse.registry import trainable_groups
 from tsparse.optim import SparseAwareAdamW, grad_norm_and_clip_
+
+
+def next_token_loss(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """Mean next-token NLL over packed blocks (they carry no padding), from fp32 logits; no KV cache."""
+    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), input_ids[:, 1:].reshape(-1))
+
+
+def compiled(fn: Callable, **options) -> Callable:
+    """`fn` under torch.compile (default backend: inductor, CPU or GPU). The sparse-table ops are eager
+    regions (`torch.compiler.disable`); nested graph breaks (a process-wide dynamo setting) resume
+    tracing inside the layer after them, so layers of one structure share compiled code."""
+    torch._dynamo.config.nested_graph_breaks = True
+    return torch.compile(fn, **options)
 
 
 class NonFiniteError(FloatingPointError):
@@ -21,12 +38,15 @@ class CausalLMModule(L.LightningModule):
     packed token blocks. `optim["base"]` says how the base is trained (frozen, finetune, lora).
 
     `tokens_per_word` maps a split to its token/word ratio so that word-level perplexity (comparable
-    across tokenizers) is logged next to token-level perplexity.
+    across tokenizers) is logged next to token-level perplexity. `compile` runs the training loss
+    (forward and backward) under torch.compile; evaluation stays eager.
     """
 
-    def __init__(self, model: nn.Module, optim: dict, tokens_per_word: dict[str, float] | None = None):
+    def __init__(self, model: nn.Module, optim: dict, tokens_per_word: dict[str, float] | None = None,
+                 compile: bool = False):
         super().__init__()
         self.model = model
+        self.compiled_loss = compiled(partial(next_token_loss, model)) if compile else None
         self.optim_cfg = dict(optim)
         self.tokens_per_word = dict(tokens_per_word or {})
         self.save_hyperparameters(ignore=["model"])
@@ -35,16 +55,14 @@ class CausalLMModule(L.LightningModule):
         self.skip_step = False
         self.frozen_now: list[nn.Parameter] = []
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids).logits
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
 
-    def loss(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Mean next-token NLL over the block (packed blocks carry no padding)."""
-        logits = self(input_ids)[:, :-1].float()
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), input_ids[:, 1:].reshape(-1))
+    def loss(self, input_ids: Tensor) -> Tensor:
+        return next_token_loss(self.model, input_ids)
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch)
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        loss = self.compiled_loss(batch) if self.compiled_loss else self.loss(batch)
         finite = torch.isfinite(loss)
         # One decision for all ranks (an all-reduce under DDP), so that they all stop or all skip.
         self.skip_step = bool(self.trainer.strategy.reduce((~finite).float(), reduce_op="max") > 0)
@@ -55,7 +73,7 @@ class CausalLMModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_start(self, batch: torch.Tensor, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: Tensor, batch_idx: int) -> None:
         """On several devices, a group frozen by the phase schedule keeps requires_grad (DDP registered its
         hooks for every param, and it has no sparse grad for unused tables); its grads are dropped before
         the step instead, so the other groups get exactly the gradients of a single-device run."""
@@ -80,15 +98,15 @@ class CausalLMModule(L.LightningModule):
         self.log("train/skipped_steps", float(self.skipped_steps))
         rank_zero_warn(f"{message}: step skipped")
 
-    def _eval_step(self, batch: torch.Tensor, metric: MeanMetric, split: str) -> None:
+    def _eval_step(self, batch: Tensor, metric: MeanMetric, split: str) -> None:
         loss = self.loss(batch)
         metric.update(loss, weight=batch[:, 1:].numel())
         self.log(f"{split}/loss", metric, prog_bar=split == "val")
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         self._eval_step(batch, self.val_nll, "val")
 
-    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
         self._eval_step(batch, self.test_nll, "test")
 
     def _log_perplexities(self, metric: MeanMetric, split: str, data_split: str) -> None:

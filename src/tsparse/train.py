@@ -105,7 +105,7 @@ def check(cfg: DictConfig) -> list:
     validate(cfg)
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError(f"seed={cfg.seed!r} must be an integer")
-    for key in ("train", "test", "overwrite"):
+    for key in ("train", "test", "overwrite", "compile"):
         if not isinstance(cfg[key], bool):
             raise ConfigError(f"{key}={cfg[key]!r} must be true or false")
     for key in ("paths.output_dir", "paths.ckpt_dir"):
@@ -186,7 +186,8 @@ def run(cfg: DictConfig) -> dict:
     save_run_model_card(run_dir, model, tokenizer)
     datamodule.setup()
     module = CausalLMModule(model, to_container(cfg.optim),
-                            tokens_per_word={s: datamodule.tokens_per_word(s) for s in ("validation", "test")})
+                            tokens_per_word={s: datamodule.tokens_per_word(s) for s in ("validation", "test")},
+                            compile=cfg.compile)
     base_ppl = base_test_ppl(cfg, module, datamodule, run_dir) if cfg.train and cfg.test and cfg.test_base else None
     log.info("trainable params: %s", {k: sum(p.numel() for p in v) for k, v in module.trainable_groups().items()})
 

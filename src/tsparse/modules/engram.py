@@ -100,6 +100,12 @@ def ngram_hash_ids(input_ids: Tensor, multipliers: Tensor, order: int, pad_id: i
 
 
 
+@torch.compiler.disable  # an eager region under torch.compile: inductor cannot build sparse grads
+def lookup(table: nn.Embedding, idx: Tensor) -> Tensor:
+    """table(idx) (its grad is sparse with `sparse_grad`, so it always runs eagerly)."""
+    return table(idx)
+
+
 def _is_prime(n: int) -> bool:
     if n < 4:
         return n >= 2
@@ -245,7 +251,7 @@ class Engram(nn.Module):
         B, T, _ = hidden.shape
         past_ids = state.ids[:, -(max(self.orders) - 1):] if state is not None and state.ids is not None else None
         ids = input_ids if past_ids is None else torch.cat((past_ids, input_ids), 1)
-        rows = self.table(self.hash_indices(ids)[:, -T:])
+        rows = lookup(self.table, self.hash_indices(ids)[:, -T:])
         e = rows.to(self.key_proj.weight.dtype).reshape(B, T, -1)  # [B, T, orders*dim_per_order]
 
         k, q = self.norm_k(self.key_proj(e)), self.norm_q(hidden)

@@ -78,7 +78,8 @@ def sinkhorn(logits: Tensor, iters: int = 20) -> Tensor:
     with _no_autocast(logits.device.type):
         log_p = logits.float()
         log_p = log_p - log_p.amax(dim=(-2, -1), keepdim=True).detach()  # the result is shift-invariant
-        if log_p.is_meta or bool(log_p.amin() > -EXP_SPREAD):
+        # Compiled, the log domain fuses into a few kernels; eager, the exp domain is the cheap one.
+        if not torch.compiler.is_compiling() and (log_p.is_meta or bool(log_p.amin() > -EXP_SPREAD)):
             p = log_p.exp()
             for _ in range(iters):
                 p = p / p.sum(dim=-1, keepdim=True)  # rows

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from tsparse.checks import ConfigError, check_choice, check_layers, check_min
 from tsparse.modules import TABLE_DTYPES, rms_ratio
-from tsparse.modules.peer_kernels import ExpertMix, SubKeyTopK
+from tsparse.modules.peer_kernels import SubKeyTopK, mix_experts
 
 GATES = ("softmax", "relu")
 
@@ -139,7 +139,7 @@ class PEER(nn.Module):
         scores, idx = self._retrieve(h)
         gate = scores.softmax(dim=-1) if self.gate == "softmax" else F.relu(scores)
         idx, gate = idx.flatten(1), gate.flatten(1)                   # [M, h*k]
-        out = ExpertMix.apply(h, idx, gate, self.down.weight, self.up.weight, self.sparse_grad)
+        out = mix_experts(h, idx, gate, self.down.weight, self.up.weight, self.sparse_grad)
 
         if self.track_stats:
             with torch.no_grad():

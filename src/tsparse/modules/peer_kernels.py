@@ -131,6 +131,12 @@ class ExpertMix(torch.autograd.Function):
         return grad_x, None, grad_act * gelu, grad_down, grad_up, None
 
 
+@torch.compiler.disable  # an eager region under torch.compile: inductor cannot build sparse grads
+def mix_experts(x: Tensor, idx: Tensor, gate: Tensor, down: Tensor, up: Tensor, sparse: bool) -> Tensor:
+    """`ExpertMix` (its table grads are sparse, so it always runs eagerly)."""
+    return ExpertMix.apply(x, idx, gate, down, up, sparse)
+
+
 def table_grad(table: Tensor, bags: tuple, source: Tensor, weights: Tensor, sparse: bool) -> Tensor:
     """Grad rows sum_(m, j: idx = r) weights[m, j] * source[m] over the touched rows r (`sorted_bags`),
     as a sparse COO tensor that is coalesced by construction, or dense; in the table's dtype."""

@@ -53,7 +53,8 @@ def sorted_bags(idx: Tensor, num_rows: int | None = None) -> tuple[Tensor, Tenso
     if num_rows is None:
         rows, counts = torch.unique_consecutive(flat, return_counts=True)
     else:
-        rows, counts = None, torch.bincount(flat, minlength=num_rows)
+        # index_add, not bincount: a static output shape, so torch.compile traces it
+        rows, counts = None, torch.zeros(num_rows, dtype=flat.dtype, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
     offsets = torch.cumsum(counts, 0) - counts
     return rows, order, offsets, order // idx.shape[1]
 

@@ -27,6 +27,7 @@ def test_bench_ci_writes_sane_outputs(tmp_path):
         assert r["infer_tok_s"] > 0 and r["sparse_step_s"] > 0 and r["dense_step_s"] > 0
         assert r["sparse_table_state_ratio"] <= 1.25 and r["dense_table_state_ratio"] == pytest.approx(2.0)
     assert rows[1]["infer_vs_first"] == 1.0 and rows[0]["infer_vs_baseline"] == 1.0
+    assert rows[1]["sparse_step_vs_first"] == 1.0 and all(r["sparse_step_vs_first"] > 0 for r in rows[2:])
     with open(tmp_path / "bench.csv") as f:
         assert len(list(csv.DictReader(f))) == 5
     assert table.count("\n| peer-") == 3 and (tmp_path / "bench.md").read_text() == table

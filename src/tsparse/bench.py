@@ -5,9 +5,11 @@
     python -m tsparse.bench bench=generate       # greedy tokens/s with a KV cache, triple vs base
 
 Models are built at random init (weights do not affect speed) for the no-PEER baseline, each
-expert count, and each extra module set (`bench.module_sets`, inference only: per-module overhead). Inference throughput is the median over `iters` timed forwards after `warmup`; the
-training step (forward, backward, clipping, optimizer step; frozen base) is timed for the
-row-sparse path (row-wise AdaGrad on the tables) and the dense path (dense grads, AdamW).
+expert count, and each extra module set (`bench.module_sets`, inference only: per-module overhead).
+Every inference is timed interleaved with the baseline's, every training step (forward, backward,
+clipping, optimizer step; frozen base) with the first expert count's, on the row-sparse path
+(row-wise AdaGrad on the tables) and the dense path (dense grads, AdamW): figures are medians of
+`iters` repeats after `warmup`, ratios and differences are medians of the per-repeat pairs.
 `bench.compile` (a module set) times that set's training step eagerly and with `compile: true`,
 interleaved. Writes bench.csv, bench.json, bench.md and PNG plots into the run directory.
 """
@@ -48,37 +50,28 @@ def build(cfg: DictConfig, modules: list[str], experts: int, sparse_grad: bool) 
     return architecture_model(cfg)
 
 
-def timed(fn, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def spread(times: list[float]) -> dict[str, float]:
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return {"median": statistics.median(times), "q1": q[0], "q3": q[2]}
 
 
-def bench_inference(model, ids, cfg) -> dict[str, float]:
+def inference(model, ids):
+    """One forward over `ids` without a KV cache (bf16 autocast on CUDA)."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.is_cuda)
 
     @torch.inference_mode()
     def forward():
         with autocast:
-            model(ids)
+            model(input_ids=ids, use_cache=False)
 
-    s = spread(timed(forward, cfg.bench.warmup, cfg.bench.iters))
-    tokens = ids.numel()
-    return {"infer_tok_s": tokens / s["median"], "infer_tok_s_q1": tokens / s["q3"], "infer_tok_s_q3": tokens / s["q1"]}
+    return forward
+
+
+def timings(fn, cfg, reference=None) -> dict[str, list[float]]:
+    """Times of fn ("this"), interleaved with those of `reference` when given, so that their paired ratio
+    cancels this machine's background load."""
+    fns = {"this": fn} if reference is None else {"reference": reference, "this": fn}
+    return interleaved(fns, cfg.bench.warmup, cfg.bench.iters)
 
 
 def train_step(model, ids, compile: bool = False):
@@ -97,15 +90,13 @@ def train_step(model, ids, compile: bool = False):
     return step, optimizer
 
 
-def bench_train_step(model, ids, cfg) -> dict[str, float]:
-    step, optimizer = train_step(model, ids)
-    s = spread(timed(step, cfg.bench.warmup, cfg.bench.iters))
+def table_state_ratio(model, optimizer) -> float:
+    """Optimizer state of the tables / their memory (AdamW's scalar step count left out)."""
     tables = [t for m in model.modules() if hasattr(m, "table_parameters") for t in m.table_parameters()]
     state = sum(v.numel() * v.element_size() for t in tables for k, v in optimizer.state[t].items()
-                if torch.is_tensor(v) and k != "step")  # AdamW's step count is a scalar tensor
+                if torch.is_tensor(v) and k != "step")
     table_bytes = sum(t.numel() * t.element_size() for t in tables)
-    return {"step_s": s["median"], "step_s_q1": s["q1"], "step_s_q3": s["q3"],
-            "table_state_ratio": state / table_bytes if table_bytes else 0.0}
+    return state / table_bytes if table_bytes else 0.0
 
 
 def bench_compile(cfg: DictConfig, ids) -> dict:
@@ -141,6 +132,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> str:
     specs += [(f"peer-{n}", ["peer"], n) for n in cfg.bench.experts]
     specs += [("+".join(m), list(m), cfg.peer.num_experts) for m in cfg.bench.module_sets]
     rows = []
+    base_forward, first_steps = None, {}  # kept alive: every row is timed interleaved with them
     for label, modules, experts in specs:
         gc.collect()
         if device.type == "cuda":
@@ -150,23 +142,39 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> str:
         row = {"config": label, "experts": experts if "peer" in modules else 0}
         row.update({f"params_{kind}": n for kind, n in param_counts_by_kind(model).items()})
         row["params_total"] = sum(v for k, v in row.items() if k.startswith("params_"))
-        row.update(bench_inference(model, ids, cfg))
+        forward = inference(model, ids)
+        times = timings(forward, cfg, base_forward)
+        s, tokens = spread(times["this"]), ids.numel()
+        row.update(infer_tok_s=tokens / s["median"], infer_tok_s_q1=tokens / s["q3"], infer_tok_s_q3=tokens / s["q1"],
+                   infer_vs_baseline=paired(times, "reference", "this") if base_forward else 1.0)
+        base_forward = base_forward or forward
         row["model_gb"] = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 1e9
         row["memory_gb"] = (torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_bytes() - before) / 1e9
         print(f"[bench] {label}: {row['params_total']:,} params, {row['model_gb']:.2f} GB of weights, "
-              f"{row['memory_gb']:.2f} GB measured, {row['infer_tok_s']:,.0f} tok/s inference", flush=True)
+              f"{row['memory_gb']:.2f} GB measured, {row['infer_tok_s']:,.0f} tok/s inference "
+              f"({row['infer_vs_baseline']:.3f} of the baseline)", flush=True)
         for path in cfg.bench.train_paths if label.startswith("peer-") else []:
             if path == "dense":
                 del model
                 gc.collect()
                 model = build(cfg, modules, experts, sparse_grad=False).to(device)
-            result = bench_train_step(model.train(), ids, cfg)
-            row.update({f"{path}_{k}": v for k, v in result.items()})
-            print(f"[bench] {label}: {path} training step {result['step_s'] * 1e3:.1f} ms, table optimizer state "
-                  f"{result['table_state_ratio']:.3f}x table memory", flush=True)
+            step, optimizer = train_step(model.train(), ids)
+            first = first_steps.setdefault(path, step)
+            times = timings(step, cfg, None if first is step else first)
+            s = spread(times["this"])
+            row.update({f"{path}_step_s": s["median"], f"{path}_step_s_q1": s["q1"], f"{path}_step_s_q3": s["q3"],
+                        f"{path}_table_state_ratio": table_state_ratio(model, optimizer),
+                        f"{path}_step_vs_first": 1.0 if first is step else paired(times, "this", "reference"),
+                        f"{path}_step_minus_first_s": 0.0 if first is step else statistics.median(
+                            a - b for a, b in zip(times["this"], times["reference"]))})
+            print(f"[bench] {label}: {path} training step {s['median'] * 1e3:.1f} ms "
+                  f"({row[f'{path}_step_minus_first_s'] * 1e3:+.1f} ms vs the first count), table optimizer state "
+                  f"{row[f'{path}_table_state_ratio']:.3f}x table memory", flush=True)
         del model
         rows.append(row)
-    add_ratios(rows, cfg.bench.train_paths)
+    first = rows[1] if len(rows) > 1 else rows[0]
+    for row in rows:
+        row["infer_vs_first"] = row["infer_vs_baseline"] / first["infer_vs_baseline"]
     compile_row = None
     if cfg.bench.get("compile"):
         gc.collect()
@@ -174,16 +182,6 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> str:
         print(f"[bench] compile: {compile_row['modules']} training step {compile_row['compiled_step_s'] * 1e3:.1f} ms "
               f"vs eager {compile_row['eager_step_s'] * 1e3:.1f} ms", flush=True)
     return write_outputs(rows, cfg, out_dir, compile_row)
-
-
-def add_ratios(rows: list[dict], train_paths) -> None:
-    baseline, first = rows[0], rows[1] if len(rows) > 1 else rows[0]
-    for row in rows:
-        row["infer_vs_first"] = row["infer_tok_s"] / first["infer_tok_s"]
-        row["infer_vs_baseline"] = row["infer_tok_s"] / baseline["infer_tok_s"]
-        for path in train_paths:
-            if f"{path}_step_s" in row:
-                row[f"{path}_step_vs_first"] = row[f"{path}_step_s"] / first[f"{path}_step_s"]
 
 
 def write_outputs(rows: list[dict], cfg: DictConfig, out_dir: Path, compile_row: dict | None = None) -> str:
@@ -216,9 +214,11 @@ def write_outputs(rows: list[dict], cfg: DictConfig, out_dir: Path, compile_row:
 def markdown_table(rows: list[dict], train_paths, meta: dict) -> str:
     head = ["config", "params", "weights GB", "measured GB", "infer tok/s (IQR)", "vs first", "vs baseline"]
     for path in train_paths:
-        head += [f"{path} step ms (IQR)", f"{path} vs first", f"{path} opt state / tables"]
+        head += [f"{path} step ms (IQR)", f"{path} vs first", f"{path} − first ms", f"{path} opt state / tables"]
     lines = [f"Bench `{meta['preset']}` on {meta['device']}, batch {meta['batch_size']} x {meta['seq_len']} tokens, "
-             f"median of {meta['iters']} after {meta['warmup']} warm-up, tables {meta['table_dtype']}. "
+             f"median of {meta['iters']} after {meta['warmup']} warm-up, tables {meta['table_dtype']}. Inference is "
+             "timed interleaved with the baseline, training steps with the first expert count; ratios and "
+             "differences are medians of the per-repeat pairs. "
              "Measured memory: CUDA peak on GPU; on CPU the RSS delta of building and running the model "
              "(untouched zero-initialised pages are not resident, so it can be below the weights).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -229,7 +229,8 @@ def markdown_table(rows: list[dict], train_paths, meta: dict) -> str:
         for path in train_paths:
             cells += ([f"{r[f'{path}_step_s'] * 1e3:.1f} ({r[f'{path}_step_s_q1'] * 1e3:.1f}-"
                        f"{r[f'{path}_step_s_q3'] * 1e3:.1f})", f"{r[f'{path}_step_vs_first']:.3f}",
-                       f"{r[f'{path}_table_state_ratio']:.3f}"] if f"{path}_step_s" in r else ["-"] * 3)
+                       f"{r[f'{path}_step_minus_first_s'] * 1e3:+.1f}",
+                       f"{r[f'{path}_table_state_ratio']:.3f}"] if f"{path}_step_s" in r else ["-"] * 4)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -29,15 +29,18 @@ from tsparse.optim import SparseAwareAdamW, grad_norm_and_clip_
 
 
 def interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each fn, timed in turn within each repeat."""
+    """Seconds per call of each fn, timed in turn within each repeat (CUDA synchronised)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - start)
     return times
 

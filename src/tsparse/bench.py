@@ -6,7 +6,7 @@
 
 Models are built at random init (weights do not affect speed) for the no-PEER baseline, each
 expert count, and each extra module set (`bench.module_sets`, inference only: per-module overhead).
-Every inference is timed interleaved with the baseline's, every training step (forward, backward,
+Every inference is timed interleaved with the baseline's (`bench.interleave`), every training step (forward, backward,
 clipping, optimizer step; frozen base) with the first expert count's, on the row-sparse path
 (row-wise AdaGrad on the tables) and the dense path (dense grads, AdamW): figures are medians of
 `iters` repeats after `warmup`, ratios and differences are medians of the per-repeat pairs.
@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 import torch
 from omegaconf import DictConfig, open_dict
 
-from tsparse.checks import check_min
+from tsparse.checks import ConfigError, check_min
 from tsparse.bench_peers import interleaved, paired
 from tsparse.cli import hydra_main, one_line_errors
 from tsparse.lit_module import compiled, next_token_loss
@@ -132,7 +132,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> str:
     specs += [(f"peer-{n}", ["peer"], n) for n in cfg.bench.experts]
     specs += [("+".join(m), list(m), cfg.peer.num_experts) for m in cfg.bench.module_sets]
     rows = []
-    base_forward, first_steps = None, {}  # kept alive: every row is timed interleaved with them
+    base_forward, base_median, first_steps = None, None, {}  # kept alive: rows are timed interleaved with them
     for label, modules, experts in specs:
         gc.collect()
         if device.type == "cuda":
@@ -145,9 +145,11 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> str:
         forward = inference(model, ids)
         times = timings(forward, cfg, base_forward)
         s, tokens = spread(times["this"]), ids.numel()
+        base_median = base_median or s["median"]
         row.update(infer_tok_s=tokens / s["median"], infer_tok_s_q1=tokens / s["q3"], infer_tok_s_q3=tokens / s["q1"],
-                   infer_vs_baseline=paired(times, "reference", "this") if base_forward else 1.0)
-        base_forward = base_forward or forward
+                   infer_vs_baseline=paired(times, "reference", "this") if base_forward else base_median / s["median"])
+        if cfg.bench.interleave and base_forward is None:
+            base_forward = forward
         row["model_gb"] = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 1e9
         row["memory_gb"] = (torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_bytes() - before) / 1e9
         print(f"[bench] {label}: {row['params_total']:,} params, {row['model_gb']:.2f} GB of weights, "
@@ -267,6 +269,8 @@ def check(cfg: DictConfig) -> None:
     for key, value in cfg.bench.items():
         if key in ("warmup", "batch_size", "seq_len", "iters", "repeats", "tokens", "heads", "top_k", "key_dim"):
             check_min(f"bench.{key}", value, 0 if key == "warmup" else 1)
+        elif key == "interleave" and not isinstance(value, bool):
+            raise ConfigError(f"bench.interleave={value!r} must be true or false")
         elif key in ("experts", "dims"):
             for i, item in enumerate(value):
                 check_min(f"bench.{key}[{i}]", item, 1)

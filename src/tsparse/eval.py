@@ -46,7 +46,7 @@ def sliding_window_nll(model: nn.Module, ids: torch.Tensor, context: int, stride
         chunk = windows[i : i + batch_size]
         length = max(e - b for b, e, _ in chunk)
         batch = torch.stack([nn.functional.pad(ids[b:e], (0, length - (e - b))) for b, e, _ in chunk])
-        logits = model(input_ids=batch).logits.float()
+        logits = model(input_ids=batch, use_cache=False).logits.float()
         nll = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none")
         for row, (b, e, new) in enumerate(chunk):
             scored = nll[row, e - b - 1 - new : e - b - 1]  # the last `new` targets of this window

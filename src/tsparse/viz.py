@@ -60,7 +60,7 @@ def engram_gates(model: nn.Module, ids: Tensor, context: int, batch_size: int = 
     model.eval()
     try:
         for batch in windows.split(batch_size):
-            model(input_ids=batch)
+            model(input_ids=batch, use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()

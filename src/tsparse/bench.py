@@ -156,8 +156,8 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> str:
               f"{row['memory_gb']:.2f} GB measured, {row['infer_tok_s']:,.0f} tok/s inference "
               f"({row['infer_vs_baseline']:.3f} of the baseline)", flush=True)
         for path in cfg.bench.train_paths if label.startswith("peer-") else []:
-            if path == "dense":
-                del model
+            if path == "dense":  # free the sparse model first (its closures too; first_steps keeps the first one)
+                model = forward = step = optimizer = None
                 gc.collect()
                 model = build(cfg, modules, experts, sparse_grad=False).to(device)
             step, optimizer = train_step(model.train(), ids)
@@ -172,7 +172,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> str:
             print(f"[bench] {label}: {path} training step {s['median'] * 1e3:.1f} ms "
                   f"({row[f'{path}_step_minus_first_s'] * 1e3:+.1f} ms vs the first count), table optimizer state "
                   f"{row[f'{path}_table_state_ratio']:.3f}x table memory", flush=True)
-        del model
+        model = forward = step = optimizer = None  # nothing of this row stays alive during the next build
         rows.append(row)
     first = rows[1] if len(rows) > 1 else rows[0]
     for row in rows:

@@ -21,13 +21,13 @@ import statistics
 import time
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 from hydra.core.hydra_config import HydraConfig
 import torch
 from omegaconf import DictConfig, open_dict
 
-from tsparse.checks import ConfigError, check_min
-from tsparse.bench_peers import interleaved, paired
+from tsparse.checks import check_bool, check_min
 from tsparse.cli import hydra_main, one_line_errors
 from tsparse.lit_module import compiled, next_token_loss
 from tsparse.models import architecture_model
@@ -48,6 +48,27 @@ def build(cfg: DictConfig, modules: list[str], experts: int, sparse_grad: bool) 
         cfg.peer.table_dtype = cfg.bench.table_dtype
     torch.manual_seed(cfg.seed)
     return architecture_model(cfg)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each fn, timed in turn within each repeat (CUDA synchronised)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def paired(times: dict[str, list[float]], num: str, den: str) -> float:
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
 def spread(times: list[float]) -> dict[str, float]:
@@ -113,11 +134,10 @@ def bench_compile(cfg: DictConfig, ids) -> dict:
     compiled_step()
     compile_s = time.perf_counter() - start
     times = interleaved({"eager": eager, "compiled": compiled_step}, cfg.bench.warmup, cfg.bench.iters)
-    ratios = [c / e for c, e in zip(times["compiled"], times["eager"])]
-    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    ratios = spread([c / e for c, e in zip(times["compiled"], times["eager"])])  # its median is the paired ratio
     return {"modules": "+".join(modules), "layers": len(model.model.layers),
             "eager_step_s": statistics.median(times["eager"]), "compiled_step_s": statistics.median(times["compiled"]),
-            "ratio": paired(times, "compiled", "eager"), "ratio_q1": q[0], "ratio_q3": q[2],
+            "ratio": ratios["median"], "ratio_q1": ratios["q1"], "ratio_q3": ratios["q3"],
             "first_step_s": compile_s, "graphs": counters["stats"]["unique_graphs"]}
 
 
@@ -269,8 +289,8 @@ def check(cfg: DictConfig) -> None:
     for key, value in cfg.bench.items():
         if key in ("warmup", "batch_size", "seq_len", "iters", "repeats", "tokens", "heads", "top_k", "key_dim"):
             check_min(f"bench.{key}", value, 0 if key == "warmup" else 1)
-        elif key == "interleave" and not isinstance(value, bool):
-            raise ConfigError(f"bench.interleave={value!r} must be true or false")
+        elif key == "interleave":
+            check_bool(f"bench.{key}", value)
         elif key in ("experts", "dims"):
             for i, item in enumerate(value):
                 check_min(f"bench.{key}[{i}]", item, 1)

@@ -10,12 +10,12 @@ both sides alike; the table reports medians and the median of the paired per-rep
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import LlamaConfig
 
+from tsparse.bench import interleaved, paired
 from tsparse.config import config_dir
 from tsparse.modeling import TsparseConfig, TsparseForCausalLM
 from tsparse.modules.engram import EngramSpec
@@ -42,15 +42,13 @@ def perturb_modules_(model) -> None:
                     p.add_(torch.randn_like(p, dtype=torch.float32).mul_(0.02).to(p.dtype))
 
 
-def greedy(model, ids: torch.Tensor, new_tokens: int) -> float:
-    """Seconds for one cached greedy generation of exactly `new_tokens` tokens."""
-    start = time.perf_counter()
-    with torch.inference_mode():
+def greedy(model, ids: torch.Tensor, new_tokens: int):
+    """One cached greedy generation of exactly `new_tokens` tokens, as a function to time."""
+    @torch.inference_mode()
+    def run():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                        do_sample=False, use_cache=True, pad_token_id=0)
-    if ids.is_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return run
 
 
 def run_generate(cfg: DictConfig) -> str:
@@ -66,15 +64,11 @@ def run_generate(cfg: DictConfig) -> str:
         vocab = models["base"].config.vocab_size
         prompts = {n: torch.randint(1, vocab, (n, b.prompt_tokens), generator=torch.Generator().manual_seed(n)).to(device)
                    for n in b.batch_sizes}
-        times = {(name, n): [] for name in models for n in prompts}
-        for repeat in range(b.warmup + b.repeats):
-            for (name, n), series in times.items():
-                seconds = greedy(models[name], prompts[n], b.new_tokens)
-                if repeat >= b.warmup:
-                    series.append(seconds)
+        times = interleaved({f"{name}/{n}": greedy(models[name], prompts[n], b.new_tokens)
+                             for name in models for n in prompts}, b.warmup, b.repeats)
         for n in prompts:
-            base, triple = times[("base", n)], times[("triple", n)]
-            ratio = statistics.median(t_base / t_triple for t_base, t_triple in zip(base, triple))
+            base, triple = times[f"base/{n}"], times[f"triple/{n}"]
+            ratio = paired(times, f"base/{n}", f"triple/{n}")
             rate = n * b.new_tokens
             lines.append(f"| {dims} | {n} | {rate / statistics.median(base):,.1f} | {rate / statistics.median(triple):,.1f} "
                          f"| {ratio:.3f} |")

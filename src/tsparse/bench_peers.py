@@ -16,37 +16,15 @@ from __future__ import annotations
 
 import gc
 import statistics
-import time
-from typing import Callable
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from tsparse.bench import interleaved, paired
 from tsparse.modules.mhc import HyperConnection, MHCSpec
 from tsparse.modules.peer import PEER, PEERSpec
 from tsparse.optim import SparseAwareAdamW, grad_norm_and_clip_
-
-
-def interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each fn, timed in turn within each repeat (CUDA synchronised)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def paired(times: dict[str, list[float]], num: str, den: str) -> float:
-    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
 def copy_bandwidth() -> float:

@@ -19,6 +19,11 @@ def check_choice(key: str, value: Any, allowed: Iterable[Any]) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of {allowed}")
 
 
+def check_bool(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be true or false")
+
+
 def check_min(key: str, value: Any, minimum: int) -> None:
     if not _is_int(value) or value < minimum:
         raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}")

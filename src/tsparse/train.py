@@ -22,6 +22,7 @@ from tsparse.build import build_datamodule, build_model
 from tsparse.cli import hydra_main, one_line_errors
 from tsparse.callbacks import PhaseLRCallback, TokenThroughput, check_schedule_fits, parse_phases
 from tsparse.checkpoint import load_checkpoint, newest_valid_checkpoint
+from tsparse.checks import check_bool
 from tsparse.config import ConfigError, config_dir, to_container, validate
 from tsparse.export import save_model, save_run_model_card
 from tsparse.lit_module import CausalLMModule, NonFiniteError
@@ -106,8 +107,7 @@ def check(cfg: DictConfig) -> list:
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError(f"seed={cfg.seed!r} must be an integer")
     for key in ("train", "test", "overwrite", "compile"):
-        if not isinstance(cfg[key], bool):
-            raise ConfigError(f"{key}={cfg[key]!r} must be true or false")
+        check_bool(key, cfg[key])
     for key in ("paths.output_dir", "paths.ckpt_dir"):
         if not isinstance(value := OmegaConf.select(cfg, key), str) or not value:
             raise ConfigError(f"{key}={value!r} must be a directory path")

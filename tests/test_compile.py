@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from tsparse.bench_generate import perturb_modules_
 from tsparse.lit_module import compiled, next_token_loss
 from tsparse.models import architecture_model
 from tsparse.optim import SparseAwareAdamW
@@ -33,10 +34,7 @@ def dense(grad: torch.Tensor) -> torch.Tensor:
 def nano_model(compose, small_modules, *overrides):
     torch.manual_seed(0)
     model = architecture_model(compose(["model=nano", *small_modules, *overrides])).train()
-    for module in model.sparse_modules().values():  # non-zero outputs, so every path carries gradient
-        for p in module.parameters():
-            if not p.any():
-                torch.nn.init.normal_(p, std=0.02)
+    perturb_modules_(model)  # non-zero outputs, so every path carries gradient
     return model
 
 

@@ -8,13 +8,8 @@ import sys
 
 import pytest
 import torch
-from transformers import LlamaConfig
 
-from tsparse import TsparseConfig, TsparseForCausalLM
 from tsparse import generate, lm_eval, report
-from tsparse.export import save_model
-from tsparse.modules.peer import PEERSpec
-from tsparse.tokenizer import train_bpe
 
 pytest.importorskip("lm_eval", reason='needs lm-evaluation-harness: pip install -e ".[eval]"')
 
@@ -44,18 +39,8 @@ metric_list:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, wikitext_small):
-    """An exported 2-layer LLaMA with PEER in layer 1, random init."""
-    torch.manual_seed(0)
-    tokenizer = train_bpe((wikitext_small / "train.txt").read_text(), 512)
-    base = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = TsparseForCausalLM(TsparseConfig.from_base(base, {"peer": PEERSpec(layers=[1], num_experts=64, top_k=4,
-                                                                                  key_dim=8)}))
-    out = tmp_path_factory.mktemp("model") / "tiny"
-    save_model(model, tokenizer, out)
-    return out
+def model_dir(tiny_export):
+    return tiny_export
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +67,7 @@ def offline(monkeypatch):
 @torch.no_grad()
 def reference_acc(model_dir) -> float:
     """Accuracy on DOCS by summed log-likelihood of " choice" after the question, computed here."""
-    from tsparse.export import load_model
+    from tsparse.loading import load_model
 
     model, tokenizer = load_model(model_dir)
     correct = 0

@@ -9,7 +9,7 @@ from matplotlib.image import imread
 
 from tsparse import viz
 from tsparse import eval as eval_cli
-from tsparse.eval import load_for_eval
+from tsparse.loading import load_with_run_config
 
 
 TEXT = "The game was released in Japan in 2011 , and the series was praised for its story and its music ."
@@ -23,7 +23,7 @@ def engram_run(tmp_path_factory, wikitext_small, one_thread, tiny_run):
 
 
 def test_gates_match_the_module_and_do_not_depend_on_batching(engram_run):
-    model, tokenizer, _ = load_for_eval(engram_run)
+    model, tokenizer, _ = load_with_run_config(engram_run)
     ids = torch.tensor(tokenizer(TEXT)["input_ids"][:40])
     whole = viz.engram_gates(model, ids, context=64)
     windowed = viz.engram_gates(model, ids, context=16, batch_size=2)  # windows 0:16, 16:32, 32:40 (padded)
@@ -48,7 +48,7 @@ def test_heatmaps_ngram_tables_and_wandb_images(engram_run, tmp_path, monkeypatc
     files = viz.main([str(engram_run), "--text", TEXT, "--max-tokens", "1024", "--top", "5", "--out", str(out),
                       "--wandb"])
 
-    _, tokenizer, cfg = load_for_eval(engram_run)
+    _, tokenizer, cfg = load_with_run_config(engram_run)
     num_tokens = len(tokenizer(TEXT)["input_ids"])
     layers = list(cfg.engram.layers)
     assert sorted(p.name for p in out.glob("*.png")) == [f"engram_gate_L{i}.png" for i in layers]

@@ -25,13 +25,14 @@ from typing import Callable
 
 from hydra.core.hydra_config import HydraConfig
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, ListConfig, open_dict
 
-from tsparse.checks import check_bool, check_min
+from tsparse.checks import ConfigError, check_bool, check_choice, check_min, check_positive
 from tsparse.cli import hydra_main, one_line_errors
 from tsparse.lit_module import compiled, next_token_loss
 from tsparse.models import architecture_model
-from tsparse.registry import param_counts_by_kind, trainable_groups
+from tsparse.config import config_dir
+from tsparse.registry import KINDS, param_counts_by_kind, trainable_groups
 from tsparse.optim import SparseAwareAdamW, grad_norm_and_clip_
 
 
@@ -284,16 +285,49 @@ def plot(rows: list[dict], out_dir: Path) -> None:
     plt.close(fig)
 
 
+PRESETS = ("ci", "micro", "tinyllama", "peers", "generate")
+_COUNTS = ("batch_size", "seq_len", "iters", "repeats", "tokens", "heads", "top_k", "key_dim", "prompt_tokens",
+           "new_tokens", "optim_params")
+
+
+def _check_list(key: str, value, check_item) -> None:
+    if not isinstance(value, (list, ListConfig)):
+        raise ConfigError(f"{key}={value!r} must be a list")
+    for i, item in enumerate(value):
+        check_item(f"{key}[{i}]", item)
+
+
+def _check_kinds(key: str, value) -> None:
+    _check_list(key, value, lambda k, kind: check_choice(k, kind, KINDS))
+
+
+BENCH_KEYS: dict[str, Callable[[str, object], None]] = {
+    "name": lambda k, v: check_choice(k, v, PRESETS),
+    **{key: lambda k, v: check_min(k, v, 1) for key in _COUNTS},
+    "warmup": lambda k, v: check_min(k, v, 0),
+    "interleave": check_bool,
+    "threads": lambda k, v: v is None or check_min(k, v, 1),
+    "bf16_table_bytes": check_positive,
+    "table_dtype": lambda k, v: check_choice(k, v, ["float32", "bfloat16"]),
+    **{key: lambda k, v: _check_list(k, v, lambda ki, i: check_min(ki, i, 1)) for key in ("experts", "dims", "batch_sizes")},
+    "module_sets": lambda k, v: _check_list(k, v, _check_kinds),
+    "compile": _check_kinds,
+    "train_paths": lambda k, v: _check_list(k, v, lambda ki, i: check_choice(ki, i, ["sparse", "dense"])),
+    "models": lambda k, v: _check_list(k, v, lambda ki, i: check_choice(ki, i, model_configs())),
+    "mhc": lambda k, v: [check_min(f"{k}.{key}", item, 1) for key, item in v.items()],
+}
+
+
+def model_configs() -> list[str]:
+    return sorted(p.stem for p in (config_dir() / "model").glob("*.yaml"))
+
+
 def check(cfg: DictConfig) -> None:
-    """The integer settings of any bench preset (sizes, counts >= 1; warm-up >= 0), one line each."""
+    """Every key of the bench preset, one line each: unknown keys are refused, each known one checked."""
     for key, value in cfg.bench.items():
-        if key in ("warmup", "batch_size", "seq_len", "iters", "repeats", "tokens", "heads", "top_k", "key_dim"):
-            check_min(f"bench.{key}", value, 0 if key == "warmup" else 1)
-        elif key == "interleave":
-            check_bool(f"bench.{key}", value)
-        elif key in ("experts", "dims"):
-            for i, item in enumerate(value):
-                check_min(f"bench.{key}[{i}]", item, 1)
+        if key not in BENCH_KEYS:
+            raise ConfigError(f"bench.{key} is not a bench setting; allowed: {sorted(BENCH_KEYS)}")
+        BENCH_KEYS[key](f"bench.{key}", value)
 
 
 @hydra_main("bench", check)

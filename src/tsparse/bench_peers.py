@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import statistics
+from importlib.metadata import PackageNotFoundError, version
 
 import torch
 from omegaconf import DictConfig
@@ -166,23 +167,28 @@ def bench_optimizer(cfg: DictConfig) -> dict:
             "ratio": paired(times, "tsparse", "torch_fused")}
 
 
+def reference_names() -> tuple[str, str]:
+    """"peer-pytorch <version>", "hyper-connections <version>": the packages bench=peers times against."""
+    try:
+        return tuple(f"{name} {version(name)}" for name in ("peer-pytorch", "hyper-connections"))
+    except PackageNotFoundError as err:
+        raise SystemExit(f"bench=peers needs the optional extra: pip install -e '.[bench]' ({err} is missing)") from None
+
+
 def run_peers(cfg: DictConfig) -> str:
     """Run every comparison and return the markdown report (also printed as it goes)."""
-    try:
-        import hyper_connections  # noqa: F401
-        import PEER_pytorch  # noqa: F401
-    except ImportError as err:
-        raise SystemExit(f"bench=peers needs the optional extra: pip install -e '.[bench]' ({err})") from None
+    peer_ref, mhc_ref = reference_names()
     b = cfg.bench
     if b.threads:
         torch.set_num_threads(b.threads)
     bandwidth = copy_bandwidth()
     lines = [f"Bench `peers` on CPU ({torch.get_num_threads()} threads), torch {torch.__version__}; medians of "
-             f"{b.repeats} interleaved repeats after {b.warmup}; ratio = median of paired tsparse / reference. "
+             f"{b.repeats} interleaved repeats after {b.warmup}; ratio = median of paired tsparse / {peer_ref} "
+             f"(PEER), tsparse / {mhc_ref} (mHC). "
              f"Floor: distinct table rows x dim x bytes, both tables (x2 for training: read and write back), "
              f"at the measured copy bandwidth {bandwidth / 1e9:.1f} GB/s.", "",
-             "| PEER d | experts | tables | tokens | distinct rows | fwd tsparse ms | fwd reference ms | fwd ratio "
-             "| fwd floor ms | train tsparse ms | train ref+SparseAdam ms | train ratio | train floor ms |",
+             f"| PEER d | experts | tables | tokens | distinct rows | fwd tsparse ms | fwd {peer_ref} ms | fwd ratio "
+             f"| fwd floor ms | train tsparse ms | train {peer_ref} + SparseAdam ms | train ratio | train floor ms |",
              "|" + "---|" * 13]
     print("\n".join(lines), flush=True)
     for dim in b.dims:
@@ -199,7 +205,7 @@ def run_peers(cfg: DictConfig) -> str:
     m = bench_mhc(cfg)
     mc = b.mhc
     lines += ["", f"mHC, one wrapped Linear({mc.dim}) layer, {mc.streams} streams, {mc.batch_size}x{mc.seq_len} tokens: "
-              f"forward {m['fwd_tsparse_ms']:.1f} ms vs hyper-connections {m['fwd_reference_ms']:.1f} ms "
+              f"forward {m['fwd_tsparse_ms']:.1f} ms vs {mhc_ref} {m['fwd_reference_ms']:.1f} ms "
               f"(ratio {m['fwd_ratio']:.3f}); forward+backward {m['train_tsparse_ms']:.1f} vs "
               f"{m['train_reference_ms']:.1f} ms (ratio {m['train_ratio']:.3f})."]
     o = bench_optimizer(cfg)

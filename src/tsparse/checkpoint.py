@@ -41,6 +41,16 @@ def newest_valid_checkpoint(ckpt_dir: Path) -> Path | None:
     return None
 
 
+def refused_global(err: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler refused, e.g. "it wants the global posix.system" (never torch's
+    advice to retry with weights_only=False)."""
+    wanted = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if wanted:
+        return f"it wants the global {wanted[1]}"
+    reason = re.search(r"WeightsUnpickler error: ([^\n]*)", str(err))
+    return reason[1].split(" Please use")[0].strip() if reason else "an object weights-only loading does not allow"
+
+
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     """`torch.load(weights_only=True)` a Lightning checkpoint on CPU: tensors and plain containers only, so
     nothing inside the file runs. A file whose pickle asks for more (a class, a function call) is refused,
@@ -50,9 +60,7 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        reason = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|$)", str(err), flags=re.M)
-        raise ConfigError(f"checkpoint {path} is refused: it holds more than weights "
-                          f"({reason[1] if reason else str(err).splitlines()[0]})") from None
+        raise ConfigError(f"checkpoint {path} is refused: it holds more than weights ({refused_global(err)})") from None
     except Exception as err:  # torch raises RuntimeError, EOFError... on damaged files
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ConfigError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {first})") from None

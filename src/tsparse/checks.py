@@ -2,6 +2,8 @@
 that names the key and what is allowed."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Iterable
 
 
@@ -48,3 +50,14 @@ def check_placement(specs: dict, num_layers: int) -> None:
         bad = [i for i in spec.layers if i >= num_layers]
         if bad:
             raise ConfigError(f"{kind}.layers={spec.layers}: {bad} outside this model's layers [0, {num_layers - 1}]")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or one ConfigError line."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} is not readable JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} must hold a JSON object, not {type(value).__name__}")
+    return value

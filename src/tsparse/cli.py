@@ -75,6 +75,43 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a float in (0, 1]."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in (0, 1]")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
+    return int(text)
+
+
+def device_type(text: str) -> str:
+    """argparse type: cpu, or cuda when a CUDA device is there."""
+    import torch
+
+    if text == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda: no CUDA device is available")
+    if text not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not cpu or cuda")
+    return text
+
+
 def _job_overrides(config_name: str, overrides: list[str], multirun: bool) -> tuple[list[list[str]], bool]:
     """The override list of every job the command line starts, and whether the sweeper could be expanded
     (only Hydra's basic sweeper is; other sweepers' jobs are checked as the primary config)."""
@@ -112,8 +149,9 @@ def compose_job(config_name: str, overrides: list[str], num: int = 0, multirun: 
     return cfg
 
 
-def precheck(config_name: str, argv: list[str], check: Callable[[DictConfig], None]) -> None:
-    """Compose and `check` every job of `argv` as Hydra would run it; bad input exits 2 in one line."""
+def precheck(config_name: str, argv: list[str], check: Callable[[DictConfig], None]) -> DictConfig | None:
+    """Compose and `check` every job of `argv` as Hydra would run it; bad input exits 2 in one line. Returns
+    the job's config for a single run (None for a sweep, or when Hydra only prints)."""
     from hydra import initialize_config_dir
     from hydra._internal.utils import get_args_parser
 
@@ -122,7 +160,7 @@ def precheck(config_name: str, argv: list[str], check: Callable[[DictConfig], No
     args = parser.parse_args(argv)
     if (args.help or args.hydra_help or args.info or args.cfg or args.shell_completion or args.config_path
             or args.config_dir or args.experimental_rerun):
-        return  # Hydra prints or reruns; nothing to check
+        return None  # Hydra prints or reruns; nothing to check
     name = args.config_name or config_name
     with one_line_errors(), initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         jobs, expanded = _job_overrides(name, args.overrides, args.multirun)
@@ -130,11 +168,13 @@ def precheck(config_name: str, argv: list[str], check: Callable[[DictConfig], No
             cfg = compose_job(name, overrides, num, args.multirun)
             if expanded:
                 check(cfg)
+    return None if args.multirun else cfg
 
 
-def hydra_main(config_name: str, check: Callable[[DictConfig], None] = lambda cfg: None):
+def hydra_main(config_name: str, check: Callable[[DictConfig], None] = lambda cfg: None, lock_run_dir: bool = False):
     """`@hydra.main` on the tsparse config tree, with `precheck` first (on rank 0 only: DDP re-launches
-    the command line for the other ranks)."""
+    the command line for the other ranks). With `lock_run_dir`, a single run takes its run dir's lock
+    (`paths.output_dir`) before Hydra writes anything there; a sweep's jobs lock their own dirs."""
     import hydra
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -144,7 +184,12 @@ def hydra_main(config_name: str, check: Callable[[DictConfig], None] = lambda cf
         @functools.wraps(task)
         def main() -> Any:
             if getattr(rank_zero_only, "rank", 0) == 0:
-                precheck(config_name, sys.argv[1:], check)
+                cfg = precheck(config_name, sys.argv[1:], check)
+                if lock_run_dir and cfg is not None:
+                    from tsparse.rundir import lock_run_dir as lock
+
+                    with one_line_errors():
+                        lock(cfg.paths.output_dir)
             return app()
 
         return main

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from tsparse.config import ConfigError
+from tsparse.config import ConfigError, project_root
 from tsparse.hub import require_hub
 
 SPLITS = ("train", "validation", "test")
@@ -124,3 +124,13 @@ class WikiText2DataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
+
+
+def split_texts(run_cfg, data_dir: str | None = None, hub: bool = False) -> dict[str, str]:
+    """WikiText-2 splits: from the hub, from `data_dir`, from the run's data config, or the local copy."""
+    if hub:
+        return load_wikitext("hub")
+    if data_dir or run_cfg is None:
+        return load_wikitext("local", data_dir or str(Path(project_root()) / ".." / "shared" / "data" / "wikitext-2"))
+    data = run_cfg.data
+    return load_wikitext(data.source, data.data_dir, data.hub_name, data.hub_config)

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from tsparse.cli import ArgumentParser, one_line_errors, positive_int
-from tsparse.config import ConfigError, project_root
-from tsparse.data import load_wikitext
+from tsparse.config import ConfigError
+from tsparse.data import split_texts
+from tsparse.loading import load_with_run_config
 
 
 @torch.no_grad()
@@ -63,24 +64,6 @@ def perplexity(model: nn.Module, tokenizer, text: str, context: int, stride: int
             "scored_tokens": count, "words": words, "context": context, "stride": stride}
 
 
-def load_for_eval(path: Path, checkpoint: str = "last"):
-    """(model, tokenizer, run config or None) from an HF dir, a hub id, a run dir or a .ckpt in one."""
-    from tsparse.export import load_model, run_config
-
-    model, tokenizer = load_model(path, checkpoint)
-    return model, tokenizer, run_config(path.parent.parent if path.suffix == ".ckpt" else path)
-
-
-def split_texts(run_cfg, data_dir: str | None = None, hub: bool = False) -> dict[str, str]:
-    """WikiText-2 splits: from the hub, from `data_dir`, from the run's data config, or the local copy."""
-    if hub:
-        return load_wikitext("hub")
-    if data_dir or run_cfg is None:
-        return load_wikitext("local", data_dir or str(Path(project_root()) / ".." / "shared" / "data" / "wikitext-2"))
-    data = run_cfg.data
-    return load_wikitext(data.source, data.data_dir, data.hub_name, data.hub_config)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = ArgumentParser(prog="python -m tsparse.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", type=Path)
@@ -97,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.output and not args.output.parent.is_dir():
         parser.error(f"--output {args.output}: folder {args.output.parent} does not exist")
     with one_line_errors(OSError):
-        model, tokenizer, cfg = load_for_eval(args.path, args.checkpoint)
+        model, tokenizer, cfg = load_with_run_config(args.path, args.checkpoint)
         texts = split_texts(cfg, args.data_dir, args.hub)
         result = perplexity(model, tokenizer, texts[args.split], args.context, args.stride, args.batch_size)
     result.update(path=str(args.path), split=args.split)

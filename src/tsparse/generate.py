@@ -2,6 +2,7 @@
 
     python -m tsparse.generate PATH --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] [--sample]
         [--temperature T] [--top-p P] [--seed S] [--no-cache] [--checkpoint best|last|FILE] [--device cpu|cuda]
+        [--allow-missing-modules]
 
 PATH is an exported HF model dir, a tsparse run dir (its --checkpoint), a .ckpt inside a run dir or a hub
 id. The prompts run as one left-padded batch, greedy unless --sample, with the KV cache unless --no-cache;
@@ -9,41 +10,13 @@ each prompt is printed with its continuation, a blank line between them.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
-from tsparse.cli import ArgumentParser, one_line_errors, positive_int
-from tsparse.export import load_model
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
-    return value
-
-
-def probability(text: str) -> float:
-    """argparse type: a float in (0, 1]."""
-    value = positive_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not in (0, 1]")
-    return value
-
-
-def device_type(text: str) -> str:
-    """argparse type: cpu, or cuda when a CUDA device is there."""
-    if text == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("cuda: no CUDA device is available")
-    if text not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not cpu or cuda")
-    return text
+from tsparse.checks import ConfigError
+from tsparse.cli import ArgumentParser, device_type, one_line_errors, positive_float, positive_int, probability
+from tsparse.loading import load_model
 
 
 @torch.no_grad()
@@ -60,6 +33,15 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, sam
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def check_length(model, tokenizer, prompts: list[str], max_new_tokens: int) -> None:
+    """The longest prompt plus `max_new_tokens` must fit the model's positions."""
+    positions = model.config.max_position_embeddings
+    longest = max(len(tokenizer(p).input_ids) for p in prompts)
+    if longest + max_new_tokens > positions:
+        raise ConfigError(f"--max-new-tokens={max_new_tokens}: with the longest prompt's {longest} tokens this "
+                          f"exceeds the model's {positions} positions; use at most {max(positions - longest, 0)}")
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     parser = ArgumentParser(prog="python -m tsparse.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", type=Path, metavar="PATH")
@@ -72,11 +54,14 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence at every step")
     parser.add_argument("--checkpoint", default="last", help="for a run dir: best, last (default) or a .ckpt path")
     parser.add_argument("--device", type=device_type, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--allow-missing-modules", action="store_true",
+                        help="start sparse-module weights missing from the model dir fresh instead of refusing it")
     args = parser.parse_args(argv)
     if not all(args.prompt):
         parser.error("--prompt must not be empty")
-    with one_line_errors(OSError, ValueError):
-        model, tokenizer = load_model(args.path, args.checkpoint)
+    with one_line_errors(OSError):
+        model, tokenizer = load_model(args.path, args.checkpoint, args.allow_missing_modules)
+        check_length(model, tokenizer, args.prompt, args.max_new_tokens)
     torch.manual_seed(args.seed)
     with one_line_errors():
         texts = generate(model.to(args.device), tokenizer, args.prompt, args.max_new_tokens, args.sample,

@@ -182,7 +182,7 @@ class _SparseModuleInit:
 
 
 # A plain base checkpoint has none of the module weights: they are initialised fresh by design.
-_MODULE_KEYS = [rf"\.{kind}\." for kind in KINDS] + [r"stream_reduce\."]
+MODULE_KEY_PATTERNS = [rf"\.{kind}\." for kind in KINDS] + [r"stream_reduce\."]
 
 
 class TsparseModel(_SparseModuleInit, LlamaModel):
@@ -190,7 +190,7 @@ class TsparseModel(_SparseModuleInit, LlamaModel):
 
     config_class = TsparseConfig
     _no_split_modules = ["TsparseDecoderLayer"]
-    _keys_to_ignore_on_load_missing = _MODULE_KEYS
+    _keys_to_ignore_on_load_missing = MODULE_KEY_PATTERNS
 
     def __init__(self, config: TsparseConfig):
         LlamaPreTrainedModel.__init__(self, config)
@@ -237,7 +237,7 @@ class TsparseForCausalLM(_SparseModuleInit, LlamaForCausalLM):
 
     config_class = TsparseConfig
     _no_split_modules = ["TsparseDecoderLayer"]
-    _keys_to_ignore_on_load_missing = _MODULE_KEYS
+    _keys_to_ignore_on_load_missing = MODULE_KEY_PATTERNS
 
     def __init__(self, config: TsparseConfig):
         LlamaPreTrainedModel.__init__(self, config)

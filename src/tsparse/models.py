@@ -7,10 +7,11 @@ from typing import Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoConfig, AutoTokenizer, LlamaConfig
+from transformers import LlamaConfig
 
 from tsparse.checks import ConfigError, check_choice
 from tsparse.hub import require_hub
+from tsparse.loading import check_weights, hub_snapshot, read_config, read_tokenizer
 from tsparse.modeling import TsparseConfig, TsparseForCausalLM
 from tsparse.tokenizer import load_or_train_bpe
 
@@ -45,9 +46,14 @@ def base_with_modules(cfg: DictConfig, specs: dict, hash_seed: int, train_text: 
         config = TsparseConfig.from_base(base, specs, hash_seed, tokenizer)
         return TsparseForCausalLM(config).to(dtype), tokenizer
     path = base_path(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    config = TsparseConfig.from_base(AutoConfig.from_pretrained(path), specs, hash_seed, tokenizer)
-    return TsparseForCausalLM.from_pretrained(path, config=config, dtype=dtype), tokenizer
+    model_dir = Path(path) if Path(path).is_dir() else hub_snapshot(path)
+    base = read_config(model_dir)
+    check_weights(model_dir, base, allow_missing_modules=True)
+    tokenizer = read_tokenizer(model_dir)
+    config = TsparseConfig.from_base(base, specs, hash_seed, tokenizer)
+    model = TsparseForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype, trust_remote_code=False,
+                                               use_safetensors=True)
+    return model, tokenizer
 
 
 def architecture_model(cfg: DictConfig) -> TsparseForCausalLM:

@@ -20,10 +20,10 @@ lr_schedule.png (LR per param group, one subplot per group, from its lowest seed
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 import statistics
+import sys
 import textwrap
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -32,12 +32,14 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from tsparse.registry import KINDS
-from tsparse.cli import ArgumentParser, one_line_errors
-from tsparse.config import ConfigError
-from tsparse.lm_eval import RESULTS_FILE as LM_EVAL_FILE
+from tsparse.checks import ConfigError, read_json
+from tsparse.cli import ArgumentParser, one_line, one_line_errors
+from tsparse.loading import LM_EVAL_RESULTS
 
 REFERENCES = ("baseline", "finetune_control")
 METRICS = {"val_ppl": "val/ppl", "test_ppl": "test/ppl", "test_word_ppl": "test/word_ppl"}
@@ -73,8 +75,13 @@ class Run:
     results: dict = field(repr=False)
 
     @classmethod
-    def load(cls, path: Path) -> Run:
-        return cls(path, OmegaConf.load(path / "config.yaml"), json.loads((path / "results.json").read_text()))
+    def load(cls, path: Path) -> Run | None:
+        """The run in `path`, or None (with a warning naming the file) if its config or results are unreadable."""
+        try:
+            return cls(path, OmegaConf.load(path / "config.yaml"), read_json(path / "results.json"))
+        except (ConfigError, OmegaConfBaseException, yaml.YAMLError, OSError) as err:
+            warn_skipped(path, err)
+            return None
 
     @property
     def experiment(self) -> str:
@@ -106,10 +113,18 @@ class Run:
     @cached_property
     def lm_eval(self) -> dict[str, float]:
         """lm_eval/<task>/<metric> -> value from the run's lm_eval.json (the `,none` filter suffix dropped)."""
-        path = self.path / LM_EVAL_FILE
-        results = json.loads(path.read_text())["results"] if path.is_file() else {}
+        path = self.path / LM_EVAL_RESULTS
+        try:
+            results = read_json(path).get("results", {}) if path.is_file() else {}
+        except ConfigError as err:
+            warn_skipped(path, err)
+            results = {}
         return {f"{LM_EVAL}{task}/{key.removesuffix(',none')}": value for task, metrics in results.items()
                 for key, value in metrics.items() if "_stderr" not in key}
+
+
+def warn_skipped(path: Path, err: Exception) -> None:
+    print(f"warning: skipped {path}: {one_line(err)}", file=sys.stderr)
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
@@ -118,7 +133,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
     found = {results.parent for root in paths for results in root.rglob("results.json")
              if (results.parent / "config.yaml").is_file()
              and not any(part.startswith(".") for part in results.relative_to(root).parts)}
-    return [Run.load(path) for path in sorted(found)]
+    return [run for path in sorted(found) if (run := Run.load(path)) is not None]
 
 
 def group_runs(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
@@ -294,6 +309,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, help="output folder (default: the first PATH)")
     args = parser.parse_args(argv)
     with one_line_errors(OSError):
+        if args.out is not None and args.out.exists() and not args.out.is_dir():
+            raise ConfigError(f"--out {args.out} is a file; name a folder")
         runs = find_runs(args.paths)
         if not runs:
             raise ConfigError(f"no run directories (results.json + config.yaml) under {', '.join(map(str, args.paths))}")

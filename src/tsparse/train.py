@@ -6,7 +6,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -24,11 +23,12 @@ from tsparse.callbacks import PhaseLRCallback, TokenThroughput, check_schedule_f
 from tsparse.checkpoint import load_checkpoint, newest_valid_checkpoint
 from tsparse.checks import check_bool
 from tsparse.config import ConfigError, config_dir, to_container, validate
-from tsparse.export import save_model, save_run_model_card
+from tsparse.export import check_export_target, save_model, save_run_model_card
 from tsparse.lit_module import CausalLMModule, NonFiniteError
 from tsparse.models import base_path
 from tsparse.loggers import use_wandb_offline_without_key
 from tsparse.registry import params_by_group
+from tsparse.rundir import LOCK_FILE, lock_run_dir, set_aside, write_atomic
 
 log = logging.getLogger("tsparse")
 
@@ -72,28 +72,23 @@ def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
     return None if newest is None else str(newest)
 
 
-def set_aside(run_dir: Path, ckpt_dir: Path) -> Path | None:
+def set_aside_previous_run(run_dir: Path, ckpt_dir: Path) -> Path | None:
     """Before a fresh start, move what a previous run left in `run_dir` (and `ckpt_dir`) to
     `<parent>/.replaced/<run name>.<time>/`, so that the new run never appends to its metrics.csv,
     results.json or W&B run (wandb_id.txt). Kept: this invocation's Hydra files (`.hydra/`, and the job
-    log, which Hydra holds open: its old lines are copied aside and it is emptied). Returns the folder,
-    or None if there was nothing to move."""
-    keep = {HydraConfig.get().output_subdir} if HydraConfig.initialized() else set()
+    log, which Hydra holds open: its old lines are copied aside and it is emptied) and the run dir's lock.
+    Returns the folder, or None if there was nothing to move."""
+    keep = {LOCK_FILE, *([HydraConfig.get().output_subdir] if HydraConfig.initialized() else [])}
     logs = {Path(h.baseFilename) for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)}
     old = [p for p in run_dir.iterdir() if p.name not in keep and not (p in logs and p.stat().st_size == 0)]
     if ckpt_dir.is_dir() and run_dir not in ckpt_dir.parents:
         old.append(ckpt_dir)
     if not old:
         return None
-    trash = run_dir.parent / ".replaced"
-    trash.mkdir(exist_ok=True)
-    aside = Path(tempfile.mkdtemp(dir=trash, prefix=f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}."))
-    for path in old:
-        if path in logs:
-            shutil.copy2(path, aside / path.name)
-            os.truncate(path, 0)
-        else:
-            path.rename(aside / path.name)
+    aside = set_aside([p for p in old if p not in logs], run_dir.parent, run_dir.name)
+    for path in (p for p in old if p in logs):
+        shutil.copy2(path, aside / path.name)
+        os.truncate(path, 0)
     return aside
 
 
@@ -122,15 +117,13 @@ def check(cfg: DictConfig) -> list:
                           f"{'=false '.join(sparse)}=false (dense tables, AdamW) or use trainer=ddp")
     if cfg.ckpt_path not in (None, "last", "auto"):
         load_checkpoint(cfg.ckpt_path, mmap=True)
+    if cfg.export_dir is not None:
+        if not isinstance(cfg.export_dir, str) or not cfg.export_dir:
+            raise ConfigError(f"export_dir={cfg.export_dir!r} must be null or a directory path")
+        check_export_target(cfg.export_dir, cfg.paths.output_dir, cfg.overwrite)
     if cfg.model.kind == "micro" and not cfg.model.from_scratch:
         base_path(cfg.model)  # the pretrained micro base must exist (a hub id is checked when it loads)
     return phases
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def base_test_ppl(cfg: DictConfig, module: CausalLMModule, datamodule, run_dir: Path) -> float | None:
@@ -175,8 +168,10 @@ def run(cfg: DictConfig) -> dict:
         print_summary(cfg, results)
         return results
     run_dir.mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank == 0:
+        lock_run_dir(run_dir)
     ckpt_path = resolve_ckpt_path(cfg, Path(cfg.paths.ckpt_dir)) if cfg.train else None
-    if ckpt_path is None and rank_zero_only.rank == 0 and (aside := set_aside(run_dir, Path(cfg.paths.ckpt_dir))):
+    if ckpt_path is None and rank_zero_only.rank == 0 and (aside := set_aside_previous_run(run_dir, Path(cfg.paths.ckpt_dir))):
         log.info("fresh start in a used run dir: moved the previous run to %s", aside)
     write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
@@ -213,24 +208,34 @@ def run(cfg: DictConfig) -> dict:
                    params={k: sum(p.numel() for _, p in v) for k, v in params_by_group(model).items()})
     if base_ppl is not None:
         results["base/test_ppl"] = base_ppl
-    if cfg.export_dir and trainer.is_global_zero:
-        if cfg.optim.base == "lora":
-            from tsparse.lora import merge_lora
-
-            merge_lora(model)
-        save_model(model, tokenizer, cfg.export_dir)
-        log.info("exported the trained model to %s", cfg.export_dir)
     if trainer.is_global_zero:
         write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
         log.info("results: %s", json.dumps(results))
         print_summary(cfg, results)
+    if cfg.export_dir and trainer.is_global_zero:
+        export(cfg, model, tokenizer, run_dir)
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()  # the next multirun job starts its own W&B run
     return results
 
 
-@hydra_main("train", check)
+def export(cfg: DictConfig, model, tokenizer, run_dir: Path) -> None:
+    """Save the trained model to `export_dir`; a failure leaves the run (results, checkpoints) complete."""
+    try:
+        check_export_target(cfg.export_dir, run_dir, cfg.overwrite)
+        if cfg.optim.base == "lora":
+            from tsparse.lora import merge_lora
+
+            merge_lora(model)
+        save_model(model, tokenizer, cfg.export_dir, {"run_dir": str(run_dir.resolve()), "checkpoint": "end of training"})
+    except (ConfigError, OSError) as err:
+        raise ConfigError(f"the run finished (results.json and checkpoints are in {run_dir}), but export_dir="
+                          f"{cfg.export_dir} failed: {err}; export it later with python -m tsparse.export") from None
+    log.info("exported the trained model to %s", cfg.export_dir)
+
+
+@hydra_main("train", check, lock_run_dir=True)
 def main(cfg: DictConfig) -> float | None:
     try:
         with one_line_errors():

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 
 from tsparse.cli import ArgumentParser, one_line_errors, positive_int
 from tsparse.config import ConfigError
-from tsparse.eval import load_for_eval, split_texts
-from tsparse.export import run_config
+from tsparse.data import split_texts
+from tsparse.loading import load_with_run_config, run_config
 from tsparse.modules.engram import Engram
 
 DEFAULT_TEXT_TOKENS = 60
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         run_cfg = run_config(args.path)
         if run_cfg is not None and "engram" not in run_cfg.sparse.modules:
             raise ConfigError(f"{args.path} has no Engram module; train one with sparse=engram, hybrid or triple")
-        model, tokenizer, cfg = load_for_eval(args.path)
+        model, tokenizer, cfg = load_with_run_config(args.path)
         if not engram_modules(model):
             raise ConfigError(f"{args.path} has no Engram module; train one with sparse=engram, hybrid or triple")
         split_text = split_texts(cfg, args.data_dir)[args.split]

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run study pretrain test test-slow clean
+.PHONY: install run study pretrain test test-slow rehearse gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,10 +30,20 @@ pretrain: install
 	$(PY) -m tsparse.train +experiment=pretrain_micro
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# TinyLlama's real shape on CPU, offline (random-init base): train 3 steps -> export -> reload -> generate ->
+# lm-eval, with wall time and peak RSS per stage (~20 GiB of RAM, tens of minutes on 2 cores).
+rehearse: install
+	$(PY) -m tsparse.rehearse
+
+# On one CUDA GPU, under 5 minutes: eager and compiled training, generation with and without the KV cache,
+# 2-GPU DDP when two are visible, bench=tinyllama. Exits 2 without CUDA.
+gpu-check: install
+	$(PY) -m tsparse.gpu_check
 
 clean:
 	rm -rf outputs/runs outputs/multirun .pytest_cache

@@ -4,6 +4,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from tsparse.registry import RMS_COMPARISONS
+
 def tracked_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """`{kind}.L{layer}` -> module, for every attached sparse module that records statistics."""
     return {name: m for name, m in model.sparse_modules().items() if hasattr(m, "track_stats")}
@@ -11,8 +13,8 @@ def tracked_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 class ModuleStats(L.Callback):
     """Every `every_n_steps` training steps, record the modules' stats for one batch and log them as
-    `stats/{kind}.L{layer}/{name}`, plus `stats/engram_to_peer_rms` (the seed's "Engram crowds out
-    PEER" ratio). PEER usage (share of experts hit, normalised usage entropy) accumulates over the
+    `stats/{kind}.L{layer}/{name}`, plus `stats/{a}_to_{b}_rms` for each pair of `registry.RMS_COMPARISONS`
+    (the mean output-RMS ratio of kind a over kind b, e.g. the seed's "Engram crowds out PEER"). PEER usage (share of experts hit, normalised usage entropy) accumulates over the
     sampled batches and is logged and reset at each validation."""
 
     def __init__(self, every_n_steps: int):
@@ -24,7 +26,7 @@ class ModuleStats(L.Callback):
             module.track_stats = active
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        ratios: dict[str, list[float]] = {"engram": [], "peer": []}
+        ratios: dict[str, list[float]] = {kind: [] for pair in RMS_COMPARISONS for kind in pair}
         for name, module in tracked_modules(pl_module.model).items():
             if not module.track_stats:
                 continue
@@ -34,9 +36,10 @@ class ModuleStats(L.Callback):
             kind = name.split(".")[0]
             if kind in ratios and "out_rms_ratio" in module.stats:
                 ratios[kind].append(float(module.stats["out_rms_ratio"]))
-        if ratios["engram"] and ratios["peer"]:
-            engram, peer = (sum(v) / len(v) for v in (ratios["engram"], ratios["peer"]))
-            pl_module.log("stats/engram_to_peer_rms", engram / max(peer, 1e-12), on_step=True, on_epoch=False)
+        for a, b in RMS_COMPARISONS:
+            if ratios[a] and ratios[b]:
+                mean_a, mean_b = (sum(ratios[k]) / len(ratios[k]) for k in (a, b))
+                pl_module.log(f"stats/{a}_to_{b}_rms", mean_a / max(mean_b, 1e-12), on_step=True, on_epoch=False)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:

@@ -55,6 +55,15 @@ def parse_phases(raw: Iterable[dict], key: str = "strategy.phases") -> list[Phas
     return phases
 
 
+def check_phase_lrs(phases: Sequence[Phase], groups: Iterable[str]) -> None:
+    """Every phase gives an LR for every param group the run trains."""
+    for group in groups:
+        missing = [p.name for p in phases if group not in p.lr]
+        if missing:
+            raise ConfigError(f"strategy.phases {missing} give no lr for param group {group!r}; "
+                              f"add lr.{group} to every phase")
+
+
 def check_schedule_fits(phases: Sequence[Phase], max_steps: int) -> None:
     """Warn about phases that start at or after `max_steps` (they never run in this invocation; a
     resumed run with a larger max_steps reaches them). The last phase runs on if the schedule is shorter."""
@@ -103,12 +112,7 @@ class PhaseLRCallback(L.Callback):
         return {g: lr * scale for g, lr in phase.lr.items()}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for opt in trainer.optimizers:
-            for group in opt.param_groups:
-                missing = [p.name for p in self.phases if group["name"] not in p.lr]
-                if missing:
-                    raise ConfigError(f"strategy.phases {missing} give no lr for param group {group['name']!r}; "
-                                      f"add lr.{group['name']} to every phase")
+        check_phase_lrs(self.phases, [g["name"] for opt in trainer.optimizers for g in opt.param_groups])
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         step = trainer.global_step

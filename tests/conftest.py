@@ -15,6 +15,8 @@ from omegaconf import DictConfig, open_dict
 
 from tsparse.config import config_dir, project_root
 
+from helpers import make_tiny_model
+
 SHARED_WIKITEXT = Path(project_root()).parent / "shared" / "data" / "wikitext-2"
 REPO = Path(__file__).resolve().parents[1]
 SMALL_MODULES = ("peer.num_experts=256", "peer.key_dim=16", "engram.table_rows=1009", "engram.dim_per_order=32",
@@ -112,6 +114,11 @@ def tiny_run():
             "+trainer.num_sanity_val_steps=0", f"paths.output_dir='{run_dir}'", *extra)))
 
     return tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return make_tiny_model
 
 
 @pytest.fixture(scope="session")

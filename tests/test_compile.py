@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from tsparse.bench_generate import perturb_modules_
 from tsparse.lit_module import compiled, next_token_loss
 from tsparse.models import architecture_model
+from tsparse.modules import perturb_
 from tsparse.optim import SparseAwareAdamW
 from tsparse.registry import trainable_groups
 
@@ -34,7 +34,8 @@ def dense(grad: torch.Tensor) -> torch.Tensor:
 def nano_model(compose, small_modules, *overrides):
     torch.manual_seed(0)
     model = architecture_model(compose(["model=nano", *small_modules, *overrides])).train()
-    perturb_modules_(model)  # non-zero outputs, so every path carries gradient
+    for module in model.sparse_modules().values():
+        perturb_(module)  # non-zero outputs, so every path carries gradient
     return model
 
 

@@ -3,7 +3,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from tsparse.config import ConfigError, config_dir, validate
+from tsparse.checks import ConfigError
+from tsparse.config import config_dir, validate
 
 CONF = config_dir()
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "paths", "bench"))

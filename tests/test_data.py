@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from tsparse.config import ConfigError
+from tsparse.checks import ConfigError
 from tsparse.data import StepIndexedSampler, WikiText2DataModule, load_wikitext, pack
 from tsparse.hub import HubUnreachableError, hub_reachable
 from tsparse.tokenizer import load_or_train_bpe

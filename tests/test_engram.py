@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tsparse.modules.engram import Engram, EngramSpec, distinct_primes, draw_multipliers, ngram_hash_ids
+from tsparse.modules.engram import (Engram, EngramSpec, compressed_token_map, distinct_primes, draw_multipliers,
+                                    ngram_hash_ids)
 
 DIM, VOCAB = 32, 500
 SMALL = dict(heads_per_order=4, dim_per_order=16, table_rows=1000)
@@ -163,6 +164,35 @@ def test_token_map_compression():
     # derived from the model config, so not saved with the weights
     assert "token_map" not in m.state_dict() and "multipliers" not in m.state_dict()
     assert not torch.equal(make().hash_indices(a), make().hash_indices(b))
+
+
+class TextTokenizer:
+    """Hand-built vocabulary: id i decodes to texts[i]."""
+
+    def __init__(self, texts):
+        self.texts = texts
+
+    def decode(self, ids):
+        return self.texts[ids[0]]
+
+    def convert_ids_to_tokens(self, i):
+        return f"<raw{i}>"
+
+
+def test_compressed_map_equals_the_demo_normaliser():
+    # The demo collapses only [ \t\r\n]+, strips Unicode White_Space (not \x1c-\x1f) and strips every mark
+    # (Mn, Mc, Me); Python's \s, str.strip() and category "Mn" differ on exactly these tokens.
+    texts = [" ", "\t", "\r\n", "  ", "\x0b", "\x85", "\x0c", "\u2028", " \x0b", "\x1c", " \x1c",
+             "a", "aः", " The", "the", "\ufffd"]
+    token_map = compressed_token_map(TextTokenizer(texts), len(texts))
+    cls = dict(zip(texts, token_map))
+    assert cls["\t"] == cls["\r\n"] == cls["  "] == cls[" "]
+    control = ["\x0b", "\x85", "\x0c", "\u2028", " \x0b", "\x1c"]  # each normalises to "" (own class) or itself
+    assert len({cls[t] for t in control} | {cls[" "]}) == len(control) + 1
+    assert cls[" \x1c"] == cls["\x1c"]  # Strip removes " " but keeps \x1c
+    assert cls["aः"] == cls["a"]  # U+0903 is a spacing mark (Mc)
+    assert cls[" The"] == cls["the"] and cls["\ufffd"] not in token_map[:-1]
+    assert max(token_map) == len(set(token_map)) - 1
 
 
 @pytest.mark.parametrize(

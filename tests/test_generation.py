@@ -5,16 +5,16 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig
+from transformers import DynamicCache
 
-from tsparse import TsparseConfig, TsparseForCausalLM
-from tsparse.modeling import TsparseCache
+from tsparse import TsparseForCausalLM
+from tsparse.modeling_tsparse import TsparseCache
 from tsparse.modules.engram import EngramSpec
 from tsparse.modules.mhc import MHCSpec
 from tsparse.modules.peer import PEERSpec
 
-BASE = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                   num_key_value_heads=1, max_position_embeddings=64, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+from helpers import make_tiny_model
+
 SPECS = {"engram": EngramSpec(layers=[0, 2], heads_per_order=2, dim_per_order=16, table_rows=53),
          "peer": PEERSpec(layers=[1], num_experts=64, top_k=4, key_dim=8),
          "mhc": MHCSpec(layers=[1])}
@@ -22,14 +22,8 @@ OPTIONS = {"engram": ["engram"], "peer": ["peer"], "mhc": ["mhc"], "triple": ["e
 
 
 def model_with(kinds: list[str], **changes) -> TsparseForCausalLM:
-    """A model whose every module weight is non-zero (the zero-initialised output paths included)."""
-    torch.manual_seed(0)
-    specs = {k: dataclasses.replace(SPECS[k], **changes.get(k, {})) for k in kinds}
-    model = TsparseForCausalLM(TsparseConfig.from_base(BASE, specs)).eval()
-    with torch.no_grad():
-        for module in model.sparse_modules().values():
-            for p in module.parameters():
-                p.add_((torch.randn_like(p.float()) * 0.3 * (p.float().abs().mean() + 0.1)).to(p.dtype))
+    """The tiny model with `kinds` at SPECS' placement, every module weight non-zero (zero-initialised paths too)."""
+    model = make_tiny_model({k: dataclasses.replace(SPECS[k], **changes.get(k, {})) for k in kinds}, perturb=0.3)
     assert all(p.abs().sum() > 0 for m in model.sparse_modules().values() for p in m.parameters())
     return model
 
@@ -85,7 +79,7 @@ def test_engram_state_crops_with_the_kv_cache():
     with torch.no_grad():
         cache = model(ids[:, :10], use_cache=True).cache
         cache.crop(-3)  # drop the last 3 positions, as assisted decoding does
-        assert all(state.ids.shape[1] == 7 for state in cache.engram.values())
+        assert all(state.ids.shape[1] == 7 for state in cache.module_states.values())
         steps = model(ids[:, 7:], cache=cache, use_cache=True).logits
         torch.testing.assert_close(steps, model(ids).logits[:, 7:], atol=1e-4, rtol=0)
 

@@ -2,15 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from tsparse.modules.mhc import (
-    GatedResidualAdapter,
-    HyperConnection,
-    MHCSpec,
-    StreamReduce,
-    expand_streams,
-    sinkhorn,
-    uniform_step,
-)
+from tsparse.modules.mhc import GatedResidualAdapter, HyperConnection, MHCSpec, sinkhorn
+from tsparse.modules.streams import StreamReduce, expand_streams, uniform_step
 
 B, T, N, D = 2, 5, 4, 16
 

@@ -4,7 +4,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tsparse.config import ConfigError
+from tsparse.checks import ConfigError
 from tsparse.hub import HubUnreachableError, hub_reachable
 from tsparse.models import base_with_modules
 from tsparse.tokenizer import train_bpe

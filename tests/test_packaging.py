@@ -33,3 +33,44 @@ def test_wheel_ships_callbacks_and_configs(tmp_path, repo):
     location, conf, strategy, module = out.stdout.split()
     assert location.startswith(str(target)) and conf.startswith(str(target))
     assert strategy == "diff_lr" and module == "tsparse.callbacks.phase_lr"
+
+
+def module_imports(path) -> set[str]:
+    """The tsparse modules a source file imports at module level (function-level imports are deferred)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tsparse"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("tsparse"))
+    return found
+
+
+def test_no_import_cycles(repo):
+    """Module-level imports between tsparse's modules form no cycle (the package's layering)."""
+    roots = {"tsparse": repo / "src" / "tsparse", "tsparse.callbacks": repo / "callbacks"}
+    files = {}
+    for prefix, root in roots.items():
+        for path in root.rglob("*.py"):
+            parts = path.relative_to(root).with_suffix("").parts
+            name = ".".join((prefix, *parts)).removesuffix(".__init__").removesuffix(".__main__")
+            if not (prefix == "tsparse" and parts[0] == "callbacks"):
+                files[name] = path
+    graph = {name: {m for m in module_imports(path) if m in files and m != name}
+             for name, path in files.items()}
+
+    def visit(node, stack):
+        if node in stack:
+            return stack[stack.index(node):] + [node]
+        for dep in sorted(graph[node]):
+            if (cycle := visit(dep, stack + [node])) is not None:
+                return cycle
+        return None
+
+    cycles = [c for name in sorted(graph) if (c := visit(name, [])) is not None]
+    assert not cycles, f"import cycle: {' -> '.join(cycles[0])}"
+    assert len(graph) > 30 and graph["tsparse.train"], "the graph covers the package"

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tsparse.checkpoint import check_checkpoint, newest_valid_checkpoint
-from tsparse.config import ConfigError
+from tsparse.checks import ConfigError
 from tsparse.report import read_metrics
 from tsparse.train import run
 
@@ -61,6 +61,39 @@ def test_sigkill_mid_phase_then_resume_matches_uninterrupted(tmp_path, wikitext_
     a, b = read_metrics(tmp_path / "full" / "run"), read_metrics(killed_dir / "run")
     assert max(b) == max(a) == 23
     for step in range(24):
+        assert [a[step][k] for k in LRS] == [b[step][k] for k in LRS], step
+        assert abs(a[step]["train/loss"] - b[step]["train/loss"]) < 1e-4, step
+
+
+@pytest.mark.slow
+def test_ddp_sigkill_mid_phase_then_resume_matches_uninterrupted(tmp_path, wikitext_small, cli, cli_args, repo):
+    """2 ranks (NCCL's rules): rank 0 alone writes the checkpoints; SIGKILL both ranks after the step-8
+    checkpoint (inside phase 2, steps 6-11), and every rank resumes from it to the uninterrupted run's losses."""
+    ddp = ("trainer=ddp_nccl_rules", "data.batch_size=4", "trainer.max_steps=12", "strategy.phase_steps=6",
+           "callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.save_top_k=-1")  # keep every 4th step
+    full = cli("tsparse.train", *cli_args(tmp_path / "full", wikitext_small, *ddp), timeout=600)
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    killed_dir = tmp_path / "killed"
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tsparse.train", *cli_args(killed_dir, wikitext_small, *ddp)],
+                            cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # its own process group: rank 0 and the rank 1 it launches
+    ckpt = killed_dir / "run" / "checkpoints" / "step000008.ckpt"
+    deadline = time.time() + 400
+    while not (ckpt.exists() and "train/loss" in read_metrics(killed_dir / "run").get(7, {})) \
+            and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "the run ended or timed out before its step-8 checkpoint"
+    assert not (killed_dir / "run" / "results.json").exists()  # it really died mid-run
+
+    resumed = cli("tsparse.train", *cli_args(killed_dir, wikitext_small, *ddp), "ckpt_path=last", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = read_metrics(tmp_path / "full" / "run"), read_metrics(killed_dir / "run")
+    assert max(b) == max(a) == 11
+    for step in range(12):
         assert [a[step][k] for k in LRS] == [b[step][k] for k in LRS], step
         assert abs(a[step]["train/loss"] - b[step]["train/loss"]) < 1e-4, step
 

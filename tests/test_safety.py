@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tsparse import generate, lm_eval, report
-from tsparse.bench import check as bench_check
+from tsparse.bench.cli import check as bench_check
 from tsparse.checkpoint import load_checkpoint
 from tsparse.checks import ConfigError
 from tsparse.cli import precheck
@@ -327,7 +327,7 @@ def test_report_refuses_a_file_as_out(tmp_path, capsys):
 
 def test_bench_peers_names_the_reference_packages_and_versions():
     pytest.importorskip("PEER_pytorch")
-    from tsparse.bench_peers import reference_names
+    from tsparse.bench.references import reference_names
 
     peer, mhc = reference_names()
     assert peer.startswith("peer-pytorch 0.") and mhc.startswith("hyper-connections 0.")

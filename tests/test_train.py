@@ -7,7 +7,7 @@ import math
 import pytest
 
 from tsparse import eval as eval_cli
-from tsparse.config import ConfigError
+from tsparse.checks import ConfigError
 from tsparse.report import read_metrics
 from tsparse.train import run
 

@@ -3,6 +3,7 @@
 Importing tsparse registers `TsparseConfig` / `TsparseForCausalLM` with transformers' Auto classes,
 so `AutoModelForCausalLM.from_pretrained(DIR)` loads an exported tsparse model.
 """
-from tsparse.modeling import TsparseConfig, TsparseForCausalLM
+from tsparse.configuration_tsparse import TsparseConfig
+from tsparse.modeling_tsparse import TsparseForCausalLM
 
 __all__ = ["TsparseConfig", "TsparseForCausalLM"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tsparse.config import ConfigError
+from tsparse.checks import ConfigError
 
 log = logging.getLogger("tsparse")
 

@@ -21,7 +21,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from tsparse.config import ConfigError, config_dir
+from tsparse.checks import ConfigError
+from tsparse.config import config_dir
 from tsparse.hub import HubUnreachableError
 
 BAD_INPUT = (ConfigError, HubUnreachableError, OmegaConfBaseException, HydraException, yaml.YAMLError)

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tsparse.checks import ConfigError, check_choice, check_placement, check_positive  # noqa: F401 (ConfigError re-exported)
 from tsparse.registry import KINDS
@@ -48,13 +48,30 @@ register_resolvers()
 
 def register_schemas() -> None:
     """Each module kind's spec dataclass is the schema of its config group (`<kind>/schema`), so a
-    wrong type or an unknown key fails when Hydra composes the config."""
+    wrong type or an unknown key fails when Hydra composes the config; `module_kinds` (in the defaults
+    of train.yaml and bench.yaml) selects `<kind>: default` for every kind of the registry."""
     store = ConfigStore.instance()
     for name, kind in KINDS.items():
         store.store(group=name, name="schema", node=kind.spec)
+    store.store(name="module_kinds", node={"defaults": [{name: "default"} for name in KINDS]})
 
 
 register_schemas()
+
+
+def compose_config(overrides: list[str], config_name: str = "train") -> DictConfig:
+    """The config `config_name` with `overrides`, without the `hydra` node (inside a running Hydra app too)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        cfg = compose(config_name, overrides=overrides)
+    else:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name, overrides=overrides)
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
 
 
 def validate(cfg: DictConfig) -> None:

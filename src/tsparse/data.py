@@ -6,9 +6,11 @@ from typing import Iterator
 
 import lightning as L
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from tsparse.config import ConfigError, project_root
+from tsparse.checks import ConfigError
+from tsparse.config import project_root
 from tsparse.hub import require_hub
 
 SPLITS = ("train", "validation", "test")
@@ -134,3 +136,9 @@ def split_texts(run_cfg, data_dir: str | None = None, hub: bool = False) -> dict
         return load_wikitext("local", data_dir or str(Path(project_root()) / ".." / "shared" / "data" / "wikitext-2"))
     data = run_cfg.data
     return load_wikitext(data.source, data.data_dir, data.hub_name, data.hub_config)
+
+
+def build_datamodule(cfg: DictConfig, tokenizer=None) -> WikiText2DataModule:
+    """The run's DataModule from its `data` config (the tokenizer may come later, from the model)."""
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "source"}
+    return WikiText2DataModule(tokenizer, source=cfg.data.source, seed=cfg.seed, **kwargs)

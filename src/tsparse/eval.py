@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from tsparse.cli import ArgumentParser, one_line_errors, positive_int
-from tsparse.config import ConfigError
+from tsparse.checks import ConfigError
 from tsparse.data import split_texts
 from tsparse.loading import load_with_run_config
 

@@ -22,7 +22,7 @@ from torch import nn
 from tsparse.checks import ConfigError
 from tsparse.cli import ArgumentParser, one_line_errors
 from tsparse.loading import MODEL_SUBDIR, load_run
-from tsparse.modeling import TsparseForCausalLM
+from tsparse.modeling_tsparse import TsparseForCausalLM
 from tsparse.rundir import set_aside
 
 EXPORT_MARKER = "tsparse_export.json"

@@ -6,11 +6,14 @@ from functools import partial
 from typing import Callable
 
 import lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
+from tsparse.distributed import average_row_sparse_grads_, broadcast_, row_sparse_tables
 from tsparse.registry import trainable_groups
 from tsparse.optim import SparseAwareAdamW, grad_norm_and_clip_
 
@@ -54,6 +57,7 @@ class CausalLMModule(L.LightningModule):
         self.skipped_steps = 0
         self.skip_step = False
         self.frozen_now: list[nn.Parameter] = []
+        self.row_sparse_tables: list[nn.Parameter] = []
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
@@ -73,10 +77,35 @@ class CausalLMModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    def setup(self, stage: str) -> None:
+        """On several devices, the tables with row-sparse grads stay out of DDP's reducer (which would
+        need a sparse all-reduce, absent from NCCL): `on_before_optimizer_step` averages them instead."""
+        if self.trainer.world_size > 1:
+            tables = row_sparse_tables(self.model)
+            self.row_sparse_tables = list(tables.values())
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                self, [name for name, p in self.named_parameters() if any(p is t for t in self.row_sparse_tables)])
+
+    def configure_model(self) -> None:
+        """Under ModelParallelStrategy (trainer=fsdp), FSDP2 shards each decoder layer and the rest of the
+        model over the data-parallel ranks; the row-sparse tables stay whole on every rank and are
+        averaged as under DDP."""
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh, tables = self.device_mesh["data_parallel"], set(row_sparse_tables(self.model).values())
+        for layer in self.model.model.layers:
+            fully_shard(layer, mesh=mesh, ignored_params=tables & set(layer.parameters()))
+        fully_shard(self.model, mesh=mesh, ignored_params=tables)
+
+    def on_fit_start(self) -> None:
+        broadcast_(self.row_sparse_tables)  # every rank starts from rank 0's tables, as DDP does for the rest
+
     def on_train_batch_start(self, batch: Tensor, batch_idx: int) -> None:
         """On several devices, a group frozen by the phase schedule keeps requires_grad (DDP registered its
-        hooks for every param, and it has no sparse grad for unused tables); its grads are dropped before
-        the step instead, so the other groups get exactly the gradients of a single-device run."""
+        hooks for every param); its grads are dropped before the step instead, so the other groups get
+        exactly the gradients of a single-device run."""
         self.frozen_now = []
         if self.trainer.world_size > 1:
             params = [p for opt in self.trainer.optimizers for g in opt.param_groups for p in g["params"]]
@@ -85,6 +114,7 @@ class CausalLMModule(L.LightningModule):
                 p.requires_grad_(True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        average_row_sparse_grads_([t for t in self.row_sparse_tables if not any(t is p for p in self.frozen_now)])
         for p in self.frozen_now:
             p.grad = None
 

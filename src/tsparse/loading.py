@@ -22,7 +22,7 @@ from torch import nn
 from tsparse.checkpoint import load_checkpoint, load_state_dict_strict
 from tsparse.checks import ConfigError, read_json
 from tsparse.hub import require_hub
-from tsparse.modeling import MODULE_KEY_PATTERNS, TsparseForCausalLM
+from tsparse.modeling_tsparse import MODULE_KEY_PATTERNS, TsparseForCausalLM
 from tsparse.registry import KINDS
 
 MODEL_SUBDIR = "model"               # RUN_DIR/model: the run's config and tokenizer

@@ -1,5 +1,6 @@
-"""Build the run's `TsparseForCausalLM` and tokenizer: a fresh micro LLaMA (offline), TinyLlama, or
-any local HF checkpoint as the base, with the configured sparse modules attached."""
+"""Models from configs, the one path for train, params, plan and the benches: `build_model` (the run's base,
+a fresh micro LLaMA, TinyLlama or any local HF checkpoint, with the configured sparse modules attached, and
+its tokenizer) and `architecture_model` (the configured architecture at random init, nothing loaded)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,9 +11,11 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import LlamaConfig
 
 from tsparse.checks import ConfigError, check_choice
+from tsparse.config import module_specs
 from tsparse.hub import require_hub
 from tsparse.loading import check_weights, hub_snapshot, read_config, read_tokenizer
-from tsparse.modeling import TsparseConfig, TsparseForCausalLM
+from tsparse.configuration_tsparse import TsparseConfig
+from tsparse.modeling_tsparse import TsparseForCausalLM
 from tsparse.tokenizer import load_or_train_bpe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,7 +62,20 @@ def base_with_modules(cfg: DictConfig, specs: dict, hash_seed: int, train_text: 
 def architecture_model(cfg: DictConfig) -> TsparseForCausalLM:
     """The architecture of `cfg.model.config` with the configured modules, at random init (nothing is
     downloaded); build it under `torch.device("meta")` to count parameters without allocating."""
-    from tsparse.config import module_specs
-
     base = LlamaConfig(**OmegaConf.to_container(cfg.model.config, resolve=True))
     return TsparseForCausalLM(TsparseConfig.from_base(base, module_specs(cfg), cfg.seed))
+
+
+def build_model(cfg: DictConfig, datamodule) -> tuple[TsparseForCausalLM, object]:
+    """The base with the configured modules (and LoRA adapters), in train mode; gives the DataModule
+    the tokenizer (a micro tokenizer is trained on the train split if needed)."""
+    model, tokenizer = base_with_modules(cfg.model, module_specs(cfg), cfg.seed, lambda: datamodule.texts["train"])
+    max_context = model.config.max_position_embeddings
+    if cfg.data.block_size > max_context:
+        raise ConfigError(f"data.block_size={cfg.data.block_size} exceeds the model context ({max_context})")
+    datamodule.tokenizer = tokenizer
+    if cfg.optim.base == "lora":
+        from tsparse.lora import add_lora
+
+        add_lora(model, cfg.optim.lora_rank)
+    return model.train(), tokenizer  # from_pretrained returns eval mode; Lightning keeps module modes as given

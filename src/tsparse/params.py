@@ -6,21 +6,12 @@ from __future__ import annotations
 
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from tsparse.cli import ArgumentParser, one_line_errors, positive_int
-from tsparse.config import config_dir
+from tsparse.config import compose_config
 from tsparse.models import architecture_model
 from tsparse.registry import KINDS, param_counts_by_kind
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, "run_name=params"])
-    with open_dict(cfg):
-        cfg.pop("hydra", None)
-    return cfg
 
 
 def count(cfg: DictConfig) -> dict[str, int]:
@@ -37,7 +28,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--experts", type=positive_int, nargs="+", help="one row per PEER expert count")
     args = parser.parse_args(argv)
     with one_line_errors():
-        cfg = compose_config(args.overrides)
+        cfg = compose_config([*args.overrides, "run_name=params"])
         rows = []
         for experts in args.experts or [cfg.peer.num_experts]:
             with open_dict(cfg):

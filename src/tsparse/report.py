@@ -36,7 +36,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tsparse.registry import KINDS
+from tsparse.registry import KINDS, RMS_COMPARISONS
 from tsparse.checks import ConfigError, read_json
 from tsparse.cli import ArgumentParser, one_line, one_line_errors
 from tsparse.loading import LM_EVAL_RESULTS
@@ -216,7 +216,7 @@ def markdown_table(rows: list[dict]) -> str:
 # Module diagnostics: (column, metrics.csv column pattern, averaged over the matching layers).
 DIAGNOSTICS = (
     *((f"{name} {stat}", re.compile(rf"stats/{name}\.L\d+/{stat}")) for name, kind in KINDS.items() for stat in kind.stats),
-    ("engram/peer RMS", re.compile(r"stats/engram_to_peer_rms")),
+    *((f"{a}/{b} RMS", re.compile(rf"stats/{a}_to_{b}_rms")) for a, b in RMS_COMPARISONS),
 )
 
 

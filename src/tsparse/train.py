@@ -17,17 +17,17 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from tsparse.build import build_datamodule, build_model
 from tsparse.cli import hydra_main, one_line_errors
-from tsparse.callbacks import PhaseLRCallback, TokenThroughput, check_schedule_fits, parse_phases
+from tsparse.callbacks import PhaseLRCallback, TokenThroughput, check_phase_lrs, check_schedule_fits, parse_phases
 from tsparse.checkpoint import load_checkpoint, newest_valid_checkpoint
-from tsparse.checks import check_bool
-from tsparse.config import ConfigError, config_dir, to_container, validate
+from tsparse.checks import ConfigError, check_bool
+from tsparse.config import config_dir, module_specs, to_container, validate
 from tsparse.export import check_export_target, save_model, save_run_model_card
 from tsparse.lit_module import CausalLMModule, NonFiniteError
-from tsparse.models import base_path
+from tsparse.data import build_datamodule
+from tsparse.models import base_path, build_model
 from tsparse.loggers import use_wandb_offline_without_key
-from tsparse.registry import params_by_group
+from tsparse.registry import attached_groups, params_by_group
 from tsparse.rundir import LOCK_FILE, lock_run_dir, set_aside, write_atomic
 
 log = logging.getLogger("tsparse")
@@ -107,11 +107,12 @@ def check(cfg: DictConfig) -> list:
         if not isinstance(value := OmegaConf.select(cfg, key), str) or not value:
             raise ConfigError(f"{key}={value!r} must be a directory path")
     phases = parse_phases(cfg.strategy.phases)
+    check_phase_lrs(phases, attached_groups(cfg.sparse.modules, cfg.optim.base))
     if cfg.train and not cfg.sparse.modules and cfg.optim.base == "frozen":
         raise ConfigError(f"nothing to train (sparse=none, optim.base=frozen): pick an experiment with "
                           f"+experiment=NAME, one of {experiments()}, or set sparse=... or optim.base=finetune")
     strategy = str(cfg.trainer.get("strategy") or "")
-    sparse = [f"{m}.sparse_grad" for m in ("engram", "peer") if m in cfg.sparse.modules and cfg[m].sparse_grad]
+    sparse = [f"{name}.sparse_grad" for name, spec in module_specs(cfg).items() if getattr(spec, "sparse_grad", False)]
     if strategy.startswith("fsdp") and sparse:
         raise ConfigError(f"trainer.strategy={strategy} cannot shard sparse gradients (FSDP has none): set "
                           f"{'=false '.join(sparse)}=false (dense tables, AdamW) or use trainer=ddp")

@@ -29,8 +29,8 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from tsparse.checks import ConfigError
 from tsparse.cli import ArgumentParser, one_line_errors, positive_int
-from tsparse.config import ConfigError
 from tsparse.data import split_texts
 from tsparse.loading import load_with_run_config, run_config
 from tsparse.modules.engram import Engram

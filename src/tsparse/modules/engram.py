@@ -9,14 +9,13 @@ causal depthwise conv. The output projection and the conv start at zero, so y ==
 from __future__ import annotations
 
 import math
-import re
-import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tokenizers import Regex, normalizers
 from torch import Tensor
 
 from tsparse.checks import ConfigError, check_choice, check_layers, check_min
@@ -26,6 +25,14 @@ from tsparse.modules import TABLE_DTYPES, rms_ratio
 _MULTIPLIER_BOUND = 2**31
 # Floor under the gate's signed sqrt: keeps its gradient finite (<= 1 / (2 * sqrt(1e-6)) = 500) at s = 0.
 _GATE_SQRT_FLOOR = 1e-6
+# The DeepSeek Engram demo's token normaliser; the private-use sentinel carries a text that is exactly one
+# space (after collapsing) past Strip.
+_SPACE_SENTINEL = "\ue000"
+_DEMO_NORMALIZER = normalizers.Sequence([
+    normalizers.NFKC(), normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase(),
+    normalizers.Replace(Regex(r"[ \t\r\n]+"), " "), normalizers.Replace(Regex(r"^ $"), _SPACE_SENTINEL),
+    normalizers.Strip(), normalizers.Replace(_SPACE_SENTINEL, " "),
+])
 
 
 @dataclass
@@ -65,12 +72,10 @@ def draw_multipliers(seed: int, layer: int, max_order: int) -> list[int]:
 
 
 def normalize_token_text(text: str) -> str:
-    """DeepSeek's compressed-tokenizer rule: NFKC, NFD, strip accents, lowercase, collapse whitespace
-    (a whitespace-only token stays one space)."""
-    text = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", text))
-    text = "".join(c for c in text if unicodedata.category(c) != "Mn").lower()
-    text = re.sub(r"\s+", " ", text)
-    return text if text == " " else text.strip()
+    """The Engram demo's compressed-tokenizer rule, run by the same `tokenizers` normalizers: NFKC, NFD,
+    strip accents (all marks), lowercase, collapse runs of [ \\t\\r\\n] (only these) into one space, strip
+    Unicode White_Space unless the whole text is that one space. So "\\t" and "\\r\\n" give " ", "\\x0b" gives ""."""
+    return _DEMO_NORMALIZER.normalize_str(text)
 
 
 def compressed_token_map(tokenizer, vocab_size: int) -> list[int]:
@@ -227,6 +232,10 @@ class Engram(nn.Module):
         self.offsets.copy_(torch.cumsum(primes, 0) - primes)
         if self.token_map is not None:
             self.token_map.copy_(torch.tensor(self._token_map, dtype=torch.long))
+
+    def new_state(self) -> EngramState:
+        """An empty generation history (TsparseCache keeps one per Engram layer)."""
+        return EngramState()
 
     def table_parameters(self) -> list[nn.Parameter]:
         """The hash embedding table(s): large, sparsely touched, for a sparse/row-wise optimizer."""

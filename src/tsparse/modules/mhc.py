@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +20,9 @@ from torch import Tensor, nn
 
 from tsparse.checks import check_choice, check_layers, check_min
 from tsparse.modules import rms_ratio
-
-Branch = Callable[[Tensor], Tensor]
+from tsparse.modules.streams import REDUCE_MODES, Branch
 
 VARIANTS = ("hyper", "adapter")
-REDUCE_MODES = ("mean", "learned")
 
 
 @dataclass
@@ -89,46 +86,6 @@ def sinkhorn(logits: Tensor, iters: int = 20) -> Tensor:
             log_p = log_p - log_p.logsumexp(dim=-1, keepdim=True)  # rows
             log_p = log_p - log_p.logsumexp(dim=-2, keepdim=True)  # columns
         return log_p.exp()
-
-
-def expand_streams(h: Tensor, n: int) -> Tensor:
-    """Copy the embedding ``[B, T, d]`` into ``n`` identical streams ``[B, T, n, d]``."""
-    check_min("streams", n, 1)
-    return h.unsqueeze(-2).expand(*h.shape[:-1], n, h.shape[-1]).contiguous()
-
-
-class StreamReduce(nn.Module):
-    """Reduce n streams to one before the final norm.
-
-    'mean' is fixed; 'learned' is a weighted sum with weights init 1/n, so equal to mean at init.
-    """
-
-    def __init__(self, streams: int, mode: str = "mean"):
-        super().__init__()
-        check_min("streams", streams, 1)
-        check_choice("mhc.reduce", mode, REDUCE_MODES)
-        self.streams, self.mode = streams, mode
-        self.weight = nn.Parameter(torch.empty(streams)) if mode == "learned" else None
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.constant_(self.weight, 1.0 / self.streams)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.weight is None:
-            return x.mean(dim=-2)
-        return torch.einsum("...nd,n->...d", x, self.weight.to(x.dtype))
-
-    def extra_repr(self) -> str:
-        return f"streams={self.streams}, mode={self.mode!r}"
-
-
-def uniform_step(x: Tensor, branch: Branch) -> Tensor:
-    """Layers without a learnable mHC: read the stream mean m, write F(m) to every stream."""
-    return x + branch(x.mean(dim=-2)).unsqueeze(-2)
-
 
 
 class HyperConnection(nn.Module):

@@ -10,36 +10,28 @@ both sides alike; the table reports medians and the median of the paired per-rep
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
-from transformers import LlamaConfig
+from omegaconf import DictConfig
 
-from tsparse.bench import interleaved, paired
-from tsparse.config import config_dir
-from tsparse.modeling import TsparseConfig, TsparseForCausalLM
-from tsparse.modules.engram import EngramSpec
-from tsparse.modules.mhc import MHCSpec
-from tsparse.modules.peer import PEERSpec
+from tsparse.bench.timing import interleaved, paired
+from tsparse.config import compose_config
+from tsparse.modeling_tsparse import TsparseForCausalLM
+from tsparse.models import architecture_model
+from tsparse.modules import perturb_
+from tsparse.registry import KINDS
 
 
 def build(model_name: str, triple: bool, table_dtype: str) -> TsparseForCausalLM:
-    """The dims of `conf/model/<model_name>.yaml`, plain or with its default triple placement."""
-    m = OmegaConf.load(config_dir() / "model" / f"{model_name}.yaml")
-    specs = {"engram": EngramSpec(layers=list(m.placement.engram), table_rows=m.engram_table_rows, table_dtype=table_dtype),
-             "peer": PEERSpec(layers=list(m.placement.peer), num_experts=m.peer_experts, table_dtype=table_dtype),
-             "mhc": MHCSpec(layers=list(m.placement.mhc))} if triple else {}
-    base = LlamaConfig(**OmegaConf.to_container(m.config), bos_token_id=0, eos_token_id=0)
-    return TsparseForCausalLM(TsparseConfig.from_base(base, specs))
-
-
-def perturb_modules_(model) -> None:
-    """Non-zero module outputs (zero-initialised paths included), so every module does real work."""
-    with torch.no_grad():
-        for module in model.sparse_modules().values():
-            for p in module.parameters():
-                if p.is_floating_point():
-                    p.add_(torch.randn_like(p, dtype=torch.float32).mul_(0.02).to(p.dtype))
+    """The dims of `conf/model/<model_name>.yaml`, plain or as `sparse=triple` with its default placement, tables in
+    `table_dtype`, module weights perturbed so that every module does real work."""
+    tables = [f"{name}.table_dtype={table_dtype}" for name, kind in KINDS.items() if kind.tables]
+    model = architecture_model(compose_config([f"model={model_name}", f"sparse={'triple' if triple else 'none'}",
+                                               *tables, "run_name=bench"]))
+    for module in model.sparse_modules().values():
+        perturb_(module)
+    return model
 
 
 def greedy(model, ids: torch.Tensor, new_tokens: int):
@@ -51,7 +43,8 @@ def greedy(model, ids: torch.Tensor, new_tokens: int):
     return run
 
 
-def run_generate(cfg: DictConfig) -> str:
+def run(cfg: DictConfig, out_dir: Path) -> str:
+    """Time every (model, batch size), write bench.md and return it."""
     b = cfg.bench
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lines = [f"Greedy generation with KV cache on {device.type}: prompt {b.prompt_tokens} tokens, {b.new_tokens} new "
@@ -60,7 +53,6 @@ def run_generate(cfg: DictConfig) -> str:
     for dims in b.models:
         torch.manual_seed(cfg.seed)
         models = {name: build(dims, name == "triple", b.table_dtype).to(device).eval() for name in ("base", "triple")}
-        perturb_modules_(models["triple"])
         vocab = models["base"].config.vocab_size
         prompts = {n: torch.randint(1, vocab, (n, b.prompt_tokens), generator=torch.Generator().manual_seed(n)).to(device)
                    for n in b.batch_sizes}
@@ -74,4 +66,6 @@ def run_generate(cfg: DictConfig) -> str:
                          f"| {ratio:.3f} |")
             print(lines[-1], flush=True)
         del models
-    return "\n".join(lines) + "\n"
+    report = "\n".join(lines) + "\n"
+    (out_dir / "bench.md").write_text(report)
+    return report

@@ -1,4 +1,5 @@
-"""`python -m tsparse.bench bench=peers`: tsparse against the reference implementations.
+"""Reference benchmark (bench=peers): tsparse against the reference implementations, which it names with their
+versions in bench.md.
 
 - PEER vs lucidrains' `peer-pytorch` (softmax gate, same weights: the tables are shared, query and
   sub-keys copied): forward, and a training step (tsparse: SparseAwareAdamW with clipping;
@@ -17,12 +18,13 @@ from __future__ import annotations
 import gc
 import statistics
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from tsparse.bench import interleaved, paired
+from tsparse.bench.timing import interleaved, paired
 from tsparse.modules.mhc import HyperConnection, MHCSpec
 from tsparse.modules.peer import PEER, PEERSpec
 from tsparse.optim import SparseAwareAdamW, grad_norm_and_clip_
@@ -175,8 +177,8 @@ def reference_names() -> tuple[str, str]:
         raise SystemExit(f"bench=peers needs the optional extra: pip install -e '.[bench]' ({err} is missing)") from None
 
 
-def run_peers(cfg: DictConfig) -> str:
-    """Run every comparison and return the markdown report (also printed as it goes)."""
+def run(cfg: DictConfig, out_dir: Path) -> str:
+    """Run every comparison, write bench.md and return it (rows are also printed as they come)."""
     peer_ref, mhc_ref = reference_names()
     b = cfg.bench
     if b.threads:
@@ -211,5 +213,6 @@ def run_peers(cfg: DictConfig) -> str:
     o = bench_optimizer(cfg)
     lines.append(f"Dense optimizer step, {o['params'] / 1e6:.1f}M fp32 params: SparseAwareAdamW {o['tsparse_ms']:.1f} ms "
                  f"vs torch.optim.AdamW(fused=True) {o['torch_fused_ms']:.1f} ms (ratio {o['ratio']:.3f}).")
-    print("\n".join(lines[-3:]), flush=True)
-    return "\n".join(lines) + "\n"
+    report = "\n".join(lines) + "\n"
+    (out_dir / "bench.md").write_text(report)
+    return report

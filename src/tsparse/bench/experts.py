@@ -1,8 +1,5 @@
-"""Efficiency benchmark: params, memory, inference throughput and training-step time vs expert count.
-
-    python -m tsparse.bench bench=micro          # or bench=ci (seconds), bench=tinyllama
-    python -m tsparse.bench bench=peers          # vs peer-pytorch / hyper-connections (extra `bench`)
-    python -m tsparse.bench bench=generate       # greedy tokens/s with a KV cache, triple vs base
+"""Expert-count benchmark (bench=ci|micro|tinyllama): params, memory, inference throughput and training-step
+time vs PEER's expert count, at random init.
 
 Models are built at random init (weights do not affect speed) for the no-PEER baseline, each
 expert count, and each extra module set (`bench.module_sets`, inference only: per-module overhead).
@@ -21,24 +18,15 @@ import statistics
 import time
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
-from hydra.core.hydra_config import HydraConfig
 import torch
-from omegaconf import DictConfig, ListConfig, open_dict
+from omegaconf import DictConfig, open_dict
 
-from tsparse.checks import ConfigError, check_bool, check_choice, check_min, check_positive
-from tsparse.cli import hydra_main, one_line_errors
+from tsparse.bench.timing import interleaved, paired, rss_bytes, spread
 from tsparse.lit_module import compiled, next_token_loss
 from tsparse.models import architecture_model
-from tsparse.config import config_dir
-from tsparse.registry import KINDS, param_counts_by_kind, trainable_groups
 from tsparse.optim import SparseAwareAdamW, grad_norm_and_clip_
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * (1 << 12)
+from tsparse.registry import param_counts_by_kind, trainable_groups
 
 
 def build(cfg: DictConfig, modules: list[str], experts: int, sparse_grad: bool) -> torch.nn.Module:
@@ -49,32 +37,6 @@ def build(cfg: DictConfig, modules: list[str], experts: int, sparse_grad: bool) 
         cfg.peer.table_dtype = cfg.bench.table_dtype
     torch.manual_seed(cfg.seed)
     return architecture_model(cfg)
-
-
-def interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each fn, timed in turn within each repeat (CUDA synchronised)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def paired(times: dict[str, list[float]], num: str, den: str) -> float:
-    return statistics.median(a / b for a, b in zip(times[num], times[den]))
-
-
-def spread(times: list[float]) -> dict[str, float]:
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"median": statistics.median(times), "q1": q[0], "q3": q[2]}
 
 
 def inference(model, ids):
@@ -142,7 +104,7 @@ def bench_compile(cfg: DictConfig, ids) -> dict:
             "first_step_s": compile_s, "graphs": counters["stats"]["unique_graphs"]}
 
 
-def run_bench(cfg: DictConfig, out_dir: Path) -> str:
+def run(cfg: DictConfig, out_dir: Path) -> str:
     """Benchmark every configuration, write the outputs, return the markdown table."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -283,71 +245,3 @@ def plot(rows: list[dict], out_dir: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_dir / "bench.png", dpi=100)
     plt.close(fig)
-
-
-PRESETS = ("ci", "micro", "tinyllama", "peers", "generate")
-_COUNTS = ("batch_size", "seq_len", "iters", "repeats", "tokens", "heads", "top_k", "key_dim", "prompt_tokens",
-           "new_tokens", "optim_params")
-
-
-def _check_list(key: str, value, check_item) -> None:
-    if not isinstance(value, (list, ListConfig)):
-        raise ConfigError(f"{key}={value!r} must be a list")
-    for i, item in enumerate(value):
-        check_item(f"{key}[{i}]", item)
-
-
-def _check_kinds(key: str, value) -> None:
-    _check_list(key, value, lambda k, kind: check_choice(k, kind, KINDS))
-
-
-BENCH_KEYS: dict[str, Callable[[str, object], None]] = {
-    "name": lambda k, v: check_choice(k, v, PRESETS),
-    **{key: lambda k, v: check_min(k, v, 1) for key in _COUNTS},
-    "warmup": lambda k, v: check_min(k, v, 0),
-    "interleave": check_bool,
-    "threads": lambda k, v: v is None or check_min(k, v, 1),
-    "bf16_table_bytes": check_positive,
-    "table_dtype": lambda k, v: check_choice(k, v, ["float32", "bfloat16"]),
-    **{key: lambda k, v: _check_list(k, v, lambda ki, i: check_min(ki, i, 1)) for key in ("experts", "dims", "batch_sizes")},
-    "module_sets": lambda k, v: _check_list(k, v, _check_kinds),
-    "compile": _check_kinds,
-    "train_paths": lambda k, v: _check_list(k, v, lambda ki, i: check_choice(ki, i, ["sparse", "dense"])),
-    "models": lambda k, v: _check_list(k, v, lambda ki, i: check_choice(ki, i, model_configs())),
-    "mhc": lambda k, v: [check_min(f"{k}.{key}", item, 1) for key, item in v.items()],
-}
-
-
-def model_configs() -> list[str]:
-    return sorted(p.stem for p in (config_dir() / "model").glob("*.yaml"))
-
-
-def check(cfg: DictConfig) -> None:
-    """Every key of the bench preset, one line each: unknown keys are refused, each known one checked."""
-    for key, value in cfg.bench.items():
-        if key not in BENCH_KEYS:
-            raise ConfigError(f"bench.{key} is not a bench setting; allowed: {sorted(BENCH_KEYS)}")
-        BENCH_KEYS[key](f"bench.{key}", value)
-
-
-@hydra_main("bench", check)
-def main(cfg: DictConfig) -> None:
-    with one_line_errors():
-        out_dir = Path(HydraConfig.get().runtime.output_dir)
-        if cfg.bench.name == "peers":  # tsparse vs the reference implementations
-            from tsparse.bench_peers import run_peers
-
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "bench.md").write_text(run_peers(cfg))
-            return
-        if cfg.bench.name == "generate":  # greedy tokens/s with KV cache, triple vs base
-            from tsparse.bench_generate import run_generate
-
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "bench.md").write_text(run_generate(cfg))
-            return
-        print(run_bench(cfg, out_dir))
-
-
-if __name__ == "__main__":
-    main()

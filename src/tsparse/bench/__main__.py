@@ -1,0 +1,3 @@
+from tsparse.bench.cli import main
+
+main()

@@ -1,0 +1,207 @@
+"""Memory plan: bytes per device of one training step, from the run's config, with nothing allocated.
+
+    python -m tsparse.plan model=tinyllama +experiment=diff_lr trainer=gpu --experts 16384 262144 802816
+    python -m tsparse.plan model=tinyllama +experiment=diff_lr trainer=ddp_gpu trainer.devices=8 --device-gb 80
+
+The weights, gradients and optimizer state are counted exactly from the model built on the meta device
+(`models.architecture_model`): the frozen base has no gradient and no optimizer state; dense trainable
+parameters get a gradient of their dtype and AdamW's two fp32 moments (plus an fp32 master copy when they
+are not fp32); row-sparse tables get a gradient over the rows a batch can touch (PEER: heads x top-k per
+token, coalesced; Engram: one uncoalesced row per hash head and token) and row-wise AdaGrad's one fp32
+scalar per row (`optim.SparseAwareAdamW`). `data.batch_size` is per device, as each rank loads its own
+batch; under DDP every device holds the whole model, tables included, so per-device bytes equal one
+device's, plus DDP's gradient buckets (a copy of the dense gradients) and the table rows all-gathered
+from every rank.
+
+Activations are the tensors autograd saves for backward, per token, from the layers' shapes (the
+formulas of `saved_bytes` reproduce `torch.autograd.graph.saved_tensors_hooks` counts on CPU in fp32;
+tests/test_plan.py checks them), times ACTIVATION_SLACK for the temporaries alive at the peak and the
+allocator's retained blocks (calibrated on CPU training steps of the micro model). Under a 16-bit
+precision, attention and MLP tensors are counted at 2 bytes; norms, the fp32 logits and the modules
+at 4. Attention is counted as SDPA (no T x T scores); CUDA context and kernel workspaces are not.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+
+from tsparse.checks import ConfigError, check_choice
+from tsparse.cli import ArgumentParser, one_line_errors, positive_int
+from tsparse.distributed import row_sparse_tables
+from tsparse.models import DTYPES, architecture_model
+from tsparse.modules.engram import Engram
+from tsparse.modules.mhc import GatedResidualAdapter, HyperConnection
+from tsparse.modules.peer import PEER
+from tsparse.params import compose_config
+from tsparse.registry import params_by_group, trainable_groups
+
+GiB = 1 << 30
+FP32 = 4
+ACTIVATION_SLACK = 1.5   # peak activation memory / saved tensors, measured on CPU micro training steps
+PRECISIONS = {"32-true": 4, "bf16-mixed": 2, "16-mixed": 2, "bf16-true": 2, "16-true": 2}
+HALF_TRUE = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
+
+
+def world_size(trainer: DictConfig) -> int:
+    """Devices of a single-device or DDP run (`trainer.devices`, `trainer.strategy`)."""
+    devices, strategy = trainer.get("devices", 1), trainer.get("strategy") or "auto"
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+        raise ConfigError(f"trainer.devices={devices!r} must be a device count >= 1")
+    name = str(strategy.get("_target_", "ddp") if isinstance(strategy, DictConfig) else strategy)
+    if "ddp" not in name.lower() and not (name == "auto" and devices == 1):
+        raise ConfigError(f"trainer.strategy={name!r} is not planned; choose auto (1 device) or ddp")
+    return devices
+
+
+def param_bytes(params: Iterable[nn.Parameter]) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def table_lookups(module: nn.Module) -> tuple[int, bool]:
+    """(rows one token touches in each table of `module`, whether its gradient is coalesced)."""
+    if isinstance(module, PEER):
+        return module.heads * module.top_k, True
+    return module.num_heads, False  # Engram: one row per hash head, nn.Embedding's uncoalesced grad
+
+
+def saved_bytes(model: nn.Module, block: int, compute: int) -> tuple[int, int]:
+    """(bytes per token, bytes per step) of the tensors autograd saves in a training forward: every
+    decoder layer from the first one a gradient flows through (an Engram or mHC layer, the layer after a
+    PEER one, layer 0 for a trainable base), each module, and the final norm with the fp32 log-softmax."""
+    config = model.config
+    d, inter, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
+    kv = config.num_key_value_heads * (config.head_dim or d // heads)
+    layers = model.model.layers
+    base_trains = any(p.requires_grad for _, p in params_by_group(model)["base"])
+    # Engram and mHC act inside their layer; PEER and the adapter add to its output
+    starts = [i if isinstance(layer.engram, Engram) or isinstance(layer.mhc, HyperConnection) else i + 1
+              for i, layer in enumerate(layers) if any(m is not None for m in (layer.engram, layer.peer, layer.mhc))]
+    first = 0 if base_trains else min(starts, default=len(layers))
+    per_token = per_step = 0
+    for i, layer in enumerate(layers):
+        if i >= first:  # two RMSNorms (fp32 input and 1/rms), SDPA's q, k, v, out and log-sum-exp, SiLU-gated MLP
+            per_token += FP32 * (2 * (d + 1) + heads) + compute * (2 * d + 2 * kv + 3 * inter)
+            per_token += compute * (4 * d + inter) if base_trains else 0  # inputs of trainable projections
+            if isinstance(layer.mhc, GatedResidualAdapter):
+                per_token += FP32 * (2 * d + 2 * layer.mhc.bottleneck)
+        if isinstance(layer.engram, Engram):
+            e = layer.engram
+            e_dim, pad = len(e.orders) * e.dim_per_order, e.conv_pad
+            per_token += FP32 * (e_dim + 10 * d + d * (block + pad) // block) + 8 * e.num_heads
+        if isinstance(layer.peer, PEER):
+            p = layer.peer
+            per_token += FP32 * ((d if i >= first else 0) + d + 2 * p.heads * p.key_dim + 10 * p.heads * p.top_k)
+        if isinstance(layer.mhc, HyperConnection):
+            n, iters = layer.mhc.streams, layer.mhc.sinkhorn_iters
+            per_token += FP32 * (3 * n * d + d + (2 * iters + 4) * n * n + (2 * iters + 6) * n)
+            per_step += FP32 * n * d * (n * n + 2 * n)  # the scaled projection phi
+    if first < len(layers) or base_trains:
+        per_token += FP32 * (config.vocab_size + d + 1) + (2 * compute * d if base_trains else 0)
+    return per_token, per_step
+
+
+def memory_plan(cfg: DictConfig) -> dict[str, int]:
+    """Bytes per device of each item of a training step of `cfg` (see the module docstring), and the total."""
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    check_choice("trainer.precision", precision, PRECISIONS)
+    check_choice("model.dtype", cfg.model.dtype, DTYPES)
+    world = world_size(cfg.trainer)
+    with torch.device("meta"):
+        model = architecture_model(cfg)
+        if cfg.optim.base == "lora":
+            from tsparse.lora import add_lora
+
+            add_lora(model, cfg.optim.lora_rank)
+    groups = params_by_group(model)
+    tables = row_sparse_tables(model)
+    table_ids = {id(p) for g, named in groups.items() if g.endswith("_table") for _, p in named}
+    for p in model.parameters():  # model.dtype for all but the tables; a "-true" precision casts everything
+        dtype = HALF_TRUE.get(precision) or (p.dtype if id(p) in table_ids else DTYPES[cfg.model.dtype])
+        p.data = p.data.to(dtype)
+    trainable = [p for ps in trainable_groups(model, cfg.optim.base).values() for p in ps]
+    sparse_ids = {id(p) for p in tables.values()}
+    dense_trainable = [p for p in trainable if id(p) not in sparse_ids]
+
+    items = {"base weights": param_bytes(p for _, p in groups["base"]),
+             "module dense weights": param_bytes(p for g, named in groups.items() if g != "base"
+                                                 and not g.endswith("_table") for _, p in named)}
+    for g, named in groups.items():
+        for _, p in named if g.endswith("_table") else []:
+            key = f"tables ({str(p.dtype).removeprefix('torch.')})"
+            items[key] = items.get(key, 0) + param_bytes([p])
+    tokens = cfg.data.batch_size * cfg.data.block_size
+    table_grads = 0
+    for name, p in tables.items():
+        lookups, coalesced = table_lookups(model.get_submodule(name.rsplit(".", 2)[0]))
+        rows = tokens * lookups * world  # under DDP, every rank's rows are all-gathered
+        table_grads += (min(rows, p.shape[0]) if coalesced else rows) * (p[0].numel() * p.element_size() + 8)
+    items["gradients: dense"] = param_bytes(dense_trainable)
+    items["gradients: table rows"] = table_grads
+    items["optimizer: AdamW moments + fp32 masters"] = sum(
+        p.numel() * (2 * FP32 + (FP32 if p.dtype != torch.float32 else 0)) for p in dense_trainable)
+    items["optimizer: row-wise AdaGrad"] = sum(p.shape[0] * FP32 for p in tables.values() if p.requires_grad)
+    if world > 1:
+        items["DDP gradient buckets"] = param_bytes(dense_trainable)
+    per_token, per_step = saved_bytes(model, cfg.data.block_size, PRECISIONS[precision])
+    items[f"activations ({cfg.data.batch_size} x {cfg.data.block_size} tokens)"] = int(
+        ACTIVATION_SLACK * (per_token * tokens + per_step))
+    items["total"] = sum(items.values())
+    return items
+
+
+def verdict(items: dict[str, int], device_gb: float) -> str:
+    """Whether the total fits in `device_gb` GiB, naming the largest item."""
+    largest = max((k for k in items if k != "total"), key=items.__getitem__)
+    total, largest_gb = items["total"] / GiB, items[largest] / GiB
+    if total <= device_gb:
+        return f"fits: {total:.2f} of {device_gb:g} GiB (largest: {largest}, {largest_gb:.2f} GiB)"
+    return f"does not fit: {total:.2f} > {device_gb:g} GiB (largest: {largest}, {largest_gb:.2f} GiB)"
+
+
+def table(columns: dict[str, dict[str, int]], markdown: bool) -> str:
+    """Items as rows (GiB), one column per plan."""
+    names = list(dict.fromkeys(k for items in columns.values() for k in items))
+    rows = [["item", *columns]] + [[n, *(f"{c[n] / GiB:.2f}" if n in c else "-" for c in columns.values())]
+                                   for n in names]
+    if markdown:
+        lines = ["| " + " | ".join(rows[0]) + " |", "|---|" + "---:|" * len(columns)]
+        return "\n".join(lines + ["| " + " | ".join(f"**{c}**" if r[0] == "total" else c for c in r) + " |"
+                                  for r in rows[1:]])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, int]]:
+    parser = ArgumentParser(prog="python -m tsparse.plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tinyllama trainer=gpu")
+    parser.add_argument("--experts", type=positive_int, nargs="+", help="one column per PEER expert count")
+    parser.add_argument("--device-gb", type=float, help="device memory in GiB: add a fits / does-not-fit verdict")
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    args = parser.parse_args(argv)
+    if args.device_gb is not None and not args.device_gb > 0:
+        parser.error(f"argument --device-gb: {args.device_gb} is not a positive number")
+    columns = {}
+    with one_line_errors():
+        cfg = compose_config(args.overrides)
+        for experts in args.experts or [cfg.peer.num_experts]:
+            with open_dict(cfg):
+                cfg.peer.num_experts = experts
+            label = f"{experts:,} experts" if "peer" in cfg.sparse.modules else "no PEER"
+            columns[label] = memory_plan(cfg)
+    trainer = OmegaConf.to_container(cfg.trainer)
+    print(f"{cfg.model.name}, sparse={'+'.join(cfg.sparse.modules) or 'none'}, {trainer.get('precision')}, "
+          f"{world_size(cfg.trainer)} device(s), batch {cfg.data.batch_size} x {cfg.data.block_size} per device; "
+          "GiB per device")
+    print(table(columns, args.markdown))
+    if args.device_gb is not None:
+        for label, items in columns.items():
+            print(f"{label}: {verdict(items, args.device_gb)}")
+    return columns
+
+
+if __name__ == "__main__":
+    main()

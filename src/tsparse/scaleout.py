@@ -1,0 +1,90 @@
+"""Scale-out figures of a config, computed on the meta device (nothing is allocated): the bytes of the
+dense all-gathers that average the row-sparse tables per step (`tsparse.distributed`), and a training
+checkpoint's size.
+
+    python -m tsparse.scaleout model=tinyllama sparse=peer --experts 262144 802816 --world 2 8 --table-dtype float32 bfloat16
+"""
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, open_dict
+
+from tsparse.cli import ArgumentParser, one_line_errors, positive_int
+from tsparse.distributed import row_sparse_tables
+from tsparse.models import architecture_model
+from tsparse.modules import TABLE_DTYPES
+from tsparse.params import compose_config
+from tsparse.registry import params_by_group, trainable_groups
+
+INDEX_BYTES = 8  # one int64 row index per gathered row
+
+
+def lookups_per_token(cfg: DictConfig, group: str) -> int:
+    """Rows one token reads from each table of the group: PEER heads x top-k, Engram heads x orders."""
+    if group == "peer_table":
+        return cfg.peer.heads * cfg.peer.top_k
+    return cfg.engram.heads_per_order * len(cfg.engram.orders)
+
+
+def meta_model(cfg: DictConfig) -> torch.nn.Module:
+    with torch.device("meta"):
+        return architecture_model(cfg)
+
+
+def table_traffic_bytes(cfg: DictConfig, world_size: int) -> int:
+    """Bytes each rank receives per step from the tables' all-gathers, at most: world x rows x (dim
+    values + an int64 index) per table, where rows = the rank's tokens (data.batch_size x block_size) x
+    lookups per token, capped by the table's rows. Independent of the table's size below that cap."""
+    tokens = cfg.data.batch_size * cfg.data.block_size
+    model = meta_model(cfg)
+    sparse = {id(p) for p in row_sparse_tables(model).values()}
+    total = 0
+    for group, named in params_by_group(model).items():
+        for _, p in named:
+            if id(p) in sparse:
+                rows = min(tokens * lookups_per_token(cfg, group), p.shape[0])
+                total += world_size * rows * (p[0].numel() * p.element_size() + INDEX_BYTES)
+    return total
+
+
+def checkpoint_bytes(cfg: DictConfig) -> int:
+    """A training checkpoint's tensors: every parameter and buffer in its dtype, plus the optimizer state of
+    the trainable ones (`optim.SparseAwareAdamW`): AdamW's two fp32 moments per dense element (and an fp32
+    master copy if the param is not fp32), row-wise AdaGrad's one fp32 scalar per table row."""
+    model = meta_model(cfg)
+    sparse = {id(p) for p in row_sparse_tables(model).values()}
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    for p in (p for params in trainable_groups(model, cfg.optim.base).values() for p in params):
+        size += p.shape[0] * 4 if id(p) in sparse else p.numel() * (8 + 4 * (p.dtype != torch.float32))
+    return size
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = ArgumentParser(prog="python -m tsparse.scaleout", description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tinyllama sparse=peer")
+    parser.add_argument("--experts", type=positive_int, nargs="+", help="one row per PEER expert count")
+    parser.add_argument("--world", type=positive_int, nargs="+", default=[2, 8], help="ranks (default: 2 8)")
+    parser.add_argument("--table-dtype", nargs="+", choices=list(TABLE_DTYPES), default=["float32"],
+                        help="PEER and Engram table dtypes, one row each (default: float32)")
+    args = parser.parse_args(argv)
+    rows = []
+    with one_line_errors():
+        cfg = compose_config(args.overrides)
+        for experts in args.experts or [cfg.peer.num_experts]:
+            for dtype in args.table_dtype:
+                with open_dict(cfg):
+                    cfg.peer.num_experts, cfg.peer.table_dtype, cfg.engram.table_dtype = experts, dtype, dtype
+                rows.append({"experts": experts, "table_dtype": dtype, "checkpoint": checkpoint_bytes(cfg),
+                             **{f"traffic@{w}": table_traffic_bytes(cfg, w) for w in args.world}})
+    print("| experts | tables | " + " | ".join(f"table all-gathers / step / rank, {w} ranks" for w in args.world)
+          + " | checkpoint |")
+    print("|---:|---|" + "---:|" * (len(args.world) + 1))
+    for row in rows:
+        print(f"| {row['experts']:,} | {row['table_dtype']} | "
+              + " | ".join(f"{row[f'traffic@{w}'] / 1e9:.2f} GB" for w in args.world)
+              + f" | {row['checkpoint'] / 1e9:.2f} GB |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

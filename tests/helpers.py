@@ -1,0 +1,38 @@
+"""Helpers shared by the tests (the fixtures in conftest.py wrap them): one tiny-model factory and its stand-in
+tokenizer; weights are perturbed with tsparse.modules.perturb_."""
+from __future__ import annotations
+
+import torch
+
+TINY_BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=64, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+
+
+class CaseTokenizer:
+    """A stand-in tokenizer whose ids i and i + half differ only by case (so they share a compressed id)."""
+
+    def __init__(self, half: int = 48):
+        self.half = half
+
+    def decode(self, ids):
+        return f"tok{ids[0] % self.half}" if ids[0] < self.half else f"TOK{ids[0] % self.half}"
+
+    def convert_ids_to_tokens(self, i):
+        return self.decode([i])
+
+
+def make_tiny_model(specs: dict, seed: int = 0, perturb: float = 0.0, **base):
+    """A random-init 3-layer TsparseForCausalLM (d=32, vocab 96) with `specs` attached, in eval mode; with
+    `perturb`, every sparse module's weights get noise of that scale (see tsparse.modules.perturb_)."""
+    from transformers import LlamaConfig
+
+    from tsparse import TsparseConfig, TsparseForCausalLM
+    from tsparse.modules import perturb_
+
+    torch.manual_seed(seed)
+    config = TsparseConfig.from_base(LlamaConfig(**{**TINY_BASE, **base}), specs, tokenizer=CaseTokenizer())
+    model = TsparseForCausalLM(config).eval()
+    if perturb:
+        for module in model.sparse_modules().values():
+            perturb_(module, perturb)
+    return model

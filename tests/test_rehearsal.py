@@ -1,0 +1,21 @@
+"""The TinyLlama-scale rehearsal (`make rehearse`): every stage passes at the real shape, within 24 GiB."""
+import pytest
+
+from tsparse import rehearse
+
+
+@pytest.mark.slow
+def test_rehearsal_at_tinyllama_shape(tmp_path, capsys):
+    stages = rehearse.main(["--work", str(tmp_path / "work")])
+    assert [s.name for s in stages] == ["base (random init)", "train diff_lr 3 steps", "export", "reload + generate",
+                                        "lm_eval --limit 2"]
+    assert all(s.ok for s in stages) and max(s.peak_rss for s in stages) < 24 * 2**30
+    assert "generation identical" in next(s.note for s in stages if s.name == "reload + generate")
+    assert "| lm_eval --limit 2 | ok |" in capsys.readouterr().out
+
+
+def test_stage_reports_failure_and_peak_rss(tmp_path):
+    ok = rehearse.run_stage("ok", ["-c", "x = bytearray(200 << 20); print('done')"], tmp_path)
+    bad = rehearse.run_stage("bad", ["-c", "raise SystemExit(3)"], tmp_path)
+    assert ok.ok and ok.note == "done" and ok.peak_rss > 200 << 20
+    assert not bad.ok and "| bad | FAILED |" in rehearse.stage_table([ok, bad])

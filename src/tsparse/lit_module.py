@@ -6,7 +6,6 @@ from functools import partial
 from typing import Callable
 
 import lightning as L
-from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import Tensor, nn
@@ -85,19 +84,6 @@ class CausalLMModule(L.LightningModule):
             self.row_sparse_tables = list(tables.values())
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 self, [name for name, p in self.named_parameters() if any(p is t for t in self.row_sparse_tables)])
-
-    def configure_model(self) -> None:
-        """Under ModelParallelStrategy (trainer=fsdp), FSDP2 shards each decoder layer and the rest of the
-        model over the data-parallel ranks; the row-sparse tables stay whole on every rank and are
-        averaged as under DDP."""
-        if not isinstance(self.trainer.strategy, ModelParallelStrategy):
-            return
-        from torch.distributed.fsdp import fully_shard
-
-        mesh, tables = self.device_mesh["data_parallel"], set(row_sparse_tables(self.model).values())
-        for layer in self.model.model.layers:
-            fully_shard(layer, mesh=mesh, ignored_params=tables & set(layer.parameters()))
-        fully_shard(self.model, mesh=mesh, ignored_params=tables)
 
     def on_fit_start(self) -> None:
         broadcast_(self.row_sparse_tables)  # every rank starts from rank 0's tables, as DDP does for the rest

@@ -12,7 +12,6 @@ from typing import Iterable
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw
 
@@ -109,8 +108,7 @@ def coalesced(grad: Tensor) -> Tensor:
 
 
 def grad_norm_and_clip_(params: Iterable[Tensor], max_norm: float) -> Tensor:
-    """Global L2 norm over dense, sparse and sharded (DTensor) grads (sparse ones coalesced in place);
-    scales them to `max_norm` if > 0.
+    """Global L2 norm over dense and sparse grads (coalesced in place); scales them to `max_norm` if > 0.
 
     Returns the norm before clipping (non-finite if any grad is non-finite).
     """
@@ -125,10 +123,9 @@ def grad_norm_and_clip_(params: Iterable[Tensor], max_norm: float) -> Tensor:
             grads.append(p.grad)
     if not grads:
         return torch.zeros(())
-    norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
-    total = torch.linalg.vector_norm(torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]))
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
     if max_norm > 0 and math.isfinite(total.item()):
         scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for g in grads:  # a sharded (FSDP2) grad scales its local shard
-            (g.to_local() if isinstance(g, DTensor) else g).mul_(scale.to(g.dtype))
+        for g in grads:
+            g.mul_(scale.to(g.dtype))
     return total

@@ -32,10 +32,7 @@ from tsparse.checks import ConfigError, check_choice
 from tsparse.cli import ArgumentParser, one_line_errors, positive_int
 from tsparse.distributed import row_sparse_tables
 from tsparse.models import DTYPES, architecture_model
-from tsparse.modules.engram import Engram
-from tsparse.modules.mhc import GatedResidualAdapter, HyperConnection
-from tsparse.modules.peer import PEER
-from tsparse.params import compose_config
+from tsparse.config import compose_config
 from tsparse.registry import params_by_group, trainable_groups
 
 GiB = 1 << 30
@@ -60,44 +57,27 @@ def param_bytes(params: Iterable[nn.Parameter]) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
-def table_lookups(module: nn.Module) -> tuple[int, bool]:
-    """(rows one token touches in each table of `module`, whether its gradient is coalesced)."""
-    if isinstance(module, PEER):
-        return module.heads * module.top_k, True
-    return module.num_heads, False  # Engram: one row per hash head, nn.Embedding's uncoalesced grad
-
-
 def saved_bytes(model: nn.Module, block: int, compute: int) -> tuple[int, int]:
     """(bytes per token, bytes per step) of the tensors autograd saves in a training forward: every
-    decoder layer from the first one a gradient flows through (an Engram or mHC layer, the layer after a
-    PEER one, layer 0 for a trainable base), each module, and the final norm with the fp32 log-softmax."""
+    decoder layer from the first one a gradient flows through (a layer with a module on its input or
+    around its residual, the layer after one with a module on its output, layer 0 for a trainable base),
+    each sparse module (its own `saved_bytes`), and the final norm with the fp32 log-softmax."""
     config = model.config
     d, inter, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
     kv = config.num_key_value_heads * (config.head_dim or d // heads)
     layers = model.model.layers
     base_trains = any(p.requires_grad for _, p in params_by_group(model)["base"])
-    # Engram and mHC act inside their layer; PEER and the adapter add to its output
-    starts = [i if isinstance(layer.engram, Engram) or isinstance(layer.mhc, HyperConnection) else i + 1
-              for i, layer in enumerate(layers) if any(m is not None for m in (layer.engram, layer.peer, layer.mhc))]
+    starts = [i + (not (layer.attached["input"] or layer.attached["residual"])) for i, layer in enumerate(layers)
+              if any(layer.attached.values())]
     first = 0 if base_trains else min(starts, default=len(layers))
     per_token = per_step = 0
     for i, layer in enumerate(layers):
         if i >= first:  # two RMSNorms (fp32 input and 1/rms), SDPA's q, k, v, out and log-sum-exp, SiLU-gated MLP
             per_token += FP32 * (2 * (d + 1) + heads) + compute * (2 * d + 2 * kv + 3 * inter)
             per_token += compute * (4 * d + inter) if base_trains else 0  # inputs of trainable projections
-            if isinstance(layer.mhc, GatedResidualAdapter):
-                per_token += FP32 * (2 * d + 2 * layer.mhc.bottleneck)
-        if isinstance(layer.engram, Engram):
-            e = layer.engram
-            e_dim, pad = len(e.orders) * e.dim_per_order, e.conv_pad
-            per_token += FP32 * (e_dim + 10 * d + d * (block + pad) // block) + 8 * e.num_heads
-        if isinstance(layer.peer, PEER):
-            p = layer.peer
-            per_token += FP32 * ((d if i >= first else 0) + d + 2 * p.heads * p.key_dim + 10 * p.heads * p.top_k)
-        if isinstance(layer.mhc, HyperConnection):
-            n, iters = layer.mhc.streams, layer.mhc.sinkhorn_iters
-            per_token += FP32 * (3 * n * d + d + (2 * iters + 4) * n * n + (2 * iters + 6) * n)
-            per_step += FP32 * n * d * (n * n + 2 * n)  # the scaled projection phi
+        for name in (n for names in layer.attached.values() for n in names):
+            token, step = getattr(layer, name).saved_bytes(block, grad_input=i >= first)
+            per_token, per_step = per_token + token, per_step + step
     if first < len(layers) or base_trains:
         per_token += FP32 * (config.vocab_size + d + 1) + (2 * compute * d if base_trains else 0)
     return per_token, per_step
@@ -135,7 +115,7 @@ def memory_plan(cfg: DictConfig) -> dict[str, int]:
     tokens = cfg.data.batch_size * cfg.data.block_size
     table_grads = 0
     for name, p in tables.items():
-        lookups, coalesced = table_lookups(model.get_submodule(name.rsplit(".", 2)[0]))
+        lookups, coalesced = model.get_submodule(name.rsplit(".", 2)[0]).rows_per_token()
         rows = tokens * lookups * world  # under DDP, every rank's rows are all-gathered
         table_grads += (min(rows, p.shape[0]) if coalesced else rows) * (p[0].numel() * p.element_size() + 8)
     items["gradients: dense"] = param_bytes(dense_trainable)

@@ -13,17 +13,10 @@ from tsparse.cli import ArgumentParser, one_line_errors, positive_int
 from tsparse.distributed import row_sparse_tables
 from tsparse.models import architecture_model
 from tsparse.modules import TABLE_DTYPES
-from tsparse.params import compose_config
-from tsparse.registry import params_by_group, trainable_groups
+from tsparse.config import compose_config
+from tsparse.registry import trainable_groups
 
 INDEX_BYTES = 8  # one int64 row index per gathered row
-
-
-def lookups_per_token(cfg: DictConfig, group: str) -> int:
-    """Rows one token reads from each table of the group: PEER heads x top-k, Engram heads x orders."""
-    if group == "peer_table":
-        return cfg.peer.heads * cfg.peer.top_k
-    return cfg.engram.heads_per_order * len(cfg.engram.orders)
 
 
 def meta_model(cfg: DictConfig) -> torch.nn.Module:
@@ -34,16 +27,14 @@ def meta_model(cfg: DictConfig) -> torch.nn.Module:
 def table_traffic_bytes(cfg: DictConfig, world_size: int) -> int:
     """Bytes each rank receives per step from the tables' all-gathers, at most: world x rows x (dim
     values + an int64 index) per table, where rows = the rank's tokens (data.batch_size x block_size) x
-    lookups per token, capped by the table's rows. Independent of the table's size below that cap."""
+    lookups per token (the module's `rows_per_token`), capped by the table's rows. Independent of the table's size below that cap."""
     tokens = cfg.data.batch_size * cfg.data.block_size
     model = meta_model(cfg)
-    sparse = {id(p) for p in row_sparse_tables(model).values()}
     total = 0
-    for group, named in params_by_group(model).items():
-        for _, p in named:
-            if id(p) in sparse:
-                rows = min(tokens * lookups_per_token(cfg, group), p.shape[0])
-                total += world_size * rows * (p[0].numel() * p.element_size() + INDEX_BYTES)
+    for name, p in row_sparse_tables(model).items():
+        lookups, _ = model.get_submodule(name.rsplit(".", 2)[0]).rows_per_token()
+        rows = min(tokens * lookups, p.shape[0])
+        total += world_size * rows * (p[0].numel() * p.element_size() + INDEX_BYTES)
     return total
 
 

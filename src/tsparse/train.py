@@ -142,6 +142,13 @@ def base_test_ppl(cfg: DictConfig, module: CausalLMModule, datamodule, run_dir: 
     return json.loads(path.read_text()).get("test/ppl")
 
 
+def package_versions() -> dict[str, str]:
+    """Versions of the packages a run's numbers depend on (results.json), so that two clones can be compared."""
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("tsparse", "torch", "transformers", "tokenizers", "lightning", "datasets")}
+
+
 def print_summary(cfg: DictConfig, results: dict) -> None:
     """The run's last line: its test perplexity, the base's and the change."""
     ppl, base = results.get("test/ppl"), results.get("base/test_ppl")
@@ -205,7 +212,7 @@ def run(cfg: DictConfig) -> dict:
         results.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     results.update(wall_seconds=time.perf_counter() - start, global_step=trainer.global_step,
                    skipped_steps=module.skipped_steps,
-                   train_tokens_per_sec=throughput.average if throughput else None,
+                   train_tokens_per_sec=throughput.average if throughput else None, versions=package_versions(),
                    params={k: sum(p.numel() for _, p in v) for k, v in params_by_group(model).items()})
     if base_ppl is not None:
         results["base/test_ppl"] = base_ppl

@@ -233,6 +233,16 @@ class Engram(nn.Module):
         if self.token_map is not None:
             self.token_map.copy_(torch.tensor(self._token_map, dtype=torch.long))
 
+    def rows_per_token(self) -> tuple[int, bool]:
+        """(table rows one token touches, whether the table gradient is coalesced): one per hash head,
+        nn.Embedding's uncoalesced gradient (tsparse.plan)."""
+        return self.num_heads, False
+
+    def saved_bytes(self, block: int, grad_input: bool) -> tuple[int, int]:
+        """(bytes per token, bytes per step) autograd saves for this module in a training forward (tsparse.plan)."""
+        e_dim = len(self.orders) * self.dim_per_order
+        return 4 * (e_dim + 10 * self.dim + self.dim * (block + self.conv_pad) // block) + 8 * self.num_heads, 0
+
     def new_state(self) -> EngramState:
         """An empty generation history (TsparseCache keeps one per Engram layer)."""
         return EngramState()

@@ -165,6 +165,11 @@ class HyperConnection(nn.Module):
             self._record(x, h_post, h_res, write)
         return x_new
 
+    def saved_bytes(self, block: int, grad_input: bool) -> tuple[int, int]:
+        """(bytes per token, bytes per step) autograd saves for this module in a training forward (tsparse.plan)."""
+        n, d, iters = self.streams, self.dim, self.sinkhorn_iters
+        return 4 * (3 * n * d + d + (2 * iters + 4) * n * n + (2 * iters + 6) * n), 4 * n * d * (n * n + 2 * n)
+
     @torch.no_grad()
     def _record(self, x: Tensor, h_post: Tensor, h_res: Tensor, write: Tensor) -> None:
         eye = torch.eye(self.streams, device=h_res.device, dtype=h_res.dtype)
@@ -200,6 +205,10 @@ class GatedResidualAdapter(nn.Module):
         self.gate.reset_parameters()
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+
+    def saved_bytes(self, block: int, grad_input: bool) -> tuple[int, int]:
+        """(bytes per token, bytes per step) autograd saves for this module in a training forward (tsparse.plan)."""
+        return 4 * (2 * self.down.in_features + 2 * self.down.out_features), 0
 
     def forward(self, h: Tensor) -> Tensor:
         """Return the delta to add to ``h`` (zero at init)."""

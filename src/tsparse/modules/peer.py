@@ -108,6 +108,15 @@ class PEER(nn.Module):
         side = experts_side(num_experts)
         return 2 * num_experts * dim + heads * side * 2 * key_dim + dim * 2 * heads * key_dim
 
+    def rows_per_token(self) -> tuple[int, bool]:
+        """(table rows one token touches, whether the table gradient is coalesced) (tsparse.plan)."""
+        return self.heads * self.top_k, True
+
+    def saved_bytes(self, block: int, grad_input: bool) -> tuple[int, int]:
+        """(bytes per token, bytes per step) autograd saves for this module in a training forward (tsparse.plan)."""
+        return 4 * ((self.dim if grad_input else 0) + self.dim + 2 * self.heads * self.key_dim
+                    + 10 * self.heads * self.top_k), 0
+
     def table_parameters(self) -> list[nn.Parameter]:
         """The two N x dim expert tables (down u, up v): the sparsely touched parameters."""
         return [self.down.weight, self.up.weight]

@@ -4,12 +4,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Iterator
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tsparse.checks import ConfigError, check_choice, check_placement, check_positive  # noqa: F401 (ConfigError re-exported)
-from tsparse.registry import KINDS
+from tsparse.registry import EXPERTS_KEY, KINDS
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 _CHECKOUT_ROOT = PACKAGE_DIR.parents[1]
@@ -72,6 +73,24 @@ def compose_config(overrides: list[str], config_name: str = "train") -> DictConf
     with open_dict(cfg):
         cfg.pop("hydra", None)
     return cfg
+
+
+def expert_configs(cfg: DictConfig, experts: list[int] | None) -> Iterator[tuple[int | None, DictConfig]]:
+    """`cfg` with `registry.EXPERTS_KEY` set to each count of `experts` (default: its own), in turn; the count
+    is None when the kind that has experts is not attached."""
+    kind = EXPERTS_KEY.split(".")[0]
+    for count in experts or [OmegaConf.select(cfg, EXPERTS_KEY)]:
+        with open_dict(cfg):
+            OmegaConf.update(cfg, EXPERTS_KEY, count)
+        yield (count if kind in cfg.sparse.modules else None), cfg
+
+
+def set_table_dtype(cfg: DictConfig, dtype: str) -> None:
+    """Store every kind's tables in `dtype` (`<kind>.table_dtype`)."""
+    with open_dict(cfg):
+        for name, kind in KINDS.items():
+            if kind.tables:
+                OmegaConf.update(cfg, f"{name}.table_dtype", dtype)
 
 
 def validate(cfg: DictConfig) -> None:

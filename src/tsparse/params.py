@@ -6,10 +6,10 @@ from __future__ import annotations
 
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from tsparse.cli import ArgumentParser, one_line_errors, positive_int
-from tsparse.config import compose_config
+from tsparse.config import compose_config, expert_configs
 from tsparse.models import architecture_model
 from tsparse.registry import KINDS, param_counts_by_kind
 
@@ -29,11 +29,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     with one_line_errors():
         cfg = compose_config([*args.overrides, "run_name=params"])
-        rows = []
-        for experts in args.experts or [cfg.peer.num_experts]:
-            with open_dict(cfg):
-                cfg.peer.num_experts = experts
-            rows.append({"experts": experts if "peer" in cfg.sparse.modules else None, **count(cfg)})
+        rows = [{"experts": experts, **count(config)} for experts, config in expert_configs(cfg, args.experts)]
     groups = ["base", *KINDS, "total"]
     print("| experts | " + " | ".join(groups) + " |")
     print("|---:|" + "---:|" * len(groups))

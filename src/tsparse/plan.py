@@ -25,14 +25,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from tsparse.checks import ConfigError, check_choice
 from tsparse.cli import ArgumentParser, one_line_errors, positive_int
 from tsparse.distributed import row_sparse_tables
 from tsparse.models import DTYPES, architecture_model
-from tsparse.config import compose_config
+from tsparse.config import compose_config, expert_configs
 from tsparse.registry import params_by_group, trainable_groups
 
 GiB = 1 << 30
@@ -167,11 +167,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, int]]:
     columns = {}
     with one_line_errors():
         cfg = compose_config(args.overrides)
-        for experts in args.experts or [cfg.peer.num_experts]:
-            with open_dict(cfg):
-                cfg.peer.num_experts = experts
-            label = f"{experts:,} experts" if "peer" in cfg.sparse.modules else "no PEER"
-            columns[label] = memory_plan(cfg)
+        for experts, config in expert_configs(cfg, args.experts):
+            columns["no experts" if experts is None else f"{experts:,} experts"] = memory_plan(config)
     trainer = OmegaConf.to_container(cfg.trainer)
     print(f"{cfg.model.name}, sparse={'+'.join(cfg.sparse.modules) or 'none'}, {trainer.get('precision')}, "
           f"{world_size(cfg.trainer)} device(s), batch {cfg.data.batch_size} x {cfg.data.block_size} per device; "

@@ -117,6 +117,8 @@ KINDS: dict[str, ModuleKind] = {
 }
 PARAM_GROUPS: tuple[str, ...] = (*(g for kind in KINDS.values() for g in kind.groups), "base")
 SPARSE_MODULE_TYPES: tuple[type[nn.Module], ...] = tuple(t for kind in KINDS.values() for t in kind.modules)
+# The spec key an expert-count sweep sets (`--experts` of tsparse.params / plan / scaleout, the expert-count bench).
+EXPERTS_KEY = "peer.num_experts"
 # Output-RMS ratios logged between kinds: (numerator, denominator), e.g. the seed's "Engram crowds out PEER".
 RMS_COMPARISONS: tuple[tuple[str, str], ...] = (("engram", "peer"),)
 

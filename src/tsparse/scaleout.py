@@ -7,13 +7,13 @@ checkpoint's size.
 from __future__ import annotations
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from tsparse.cli import ArgumentParser, one_line_errors, positive_int
 from tsparse.distributed import row_sparse_tables
 from tsparse.models import architecture_model
 from tsparse.modules import TABLE_DTYPES
-from tsparse.config import compose_config
+from tsparse.config import compose_config, expert_configs, set_table_dtype
 from tsparse.registry import trainable_groups
 
 INDEX_BYTES = 8  # one int64 row index per gathered row
@@ -56,22 +56,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--experts", type=positive_int, nargs="+", help="one row per PEER expert count")
     parser.add_argument("--world", type=positive_int, nargs="+", default=[2, 8], help="ranks (default: 2 8)")
     parser.add_argument("--table-dtype", nargs="+", choices=list(TABLE_DTYPES), default=["float32"],
-                        help="PEER and Engram table dtypes, one row each (default: float32)")
+                        help="every kind's table dtype, one row each (default: float32)")
     args = parser.parse_args(argv)
     rows = []
     with one_line_errors():
         cfg = compose_config(args.overrides)
-        for experts in args.experts or [cfg.peer.num_experts]:
+        for experts, config in expert_configs(cfg, args.experts):
             for dtype in args.table_dtype:
-                with open_dict(cfg):
-                    cfg.peer.num_experts, cfg.peer.table_dtype, cfg.engram.table_dtype = experts, dtype, dtype
-                rows.append({"experts": experts, "table_dtype": dtype, "checkpoint": checkpoint_bytes(cfg),
-                             **{f"traffic@{w}": table_traffic_bytes(cfg, w) for w in args.world}})
+                set_table_dtype(config, dtype)
+                rows.append({"experts": experts, "table_dtype": dtype, "checkpoint": checkpoint_bytes(config),
+                             **{f"traffic@{w}": table_traffic_bytes(config, w) for w in args.world}})
     print("| experts | tables | " + " | ".join(f"table all-gathers / step / rank, {w} ranks" for w in args.world)
           + " | checkpoint |")
     print("|---:|---|" + "---:|" * (len(args.world) + 1))
     for row in rows:
-        print(f"| {row['experts']:,} | {row['table_dtype']} | "
+        print(f"| {'-' if row['experts'] is None else format(row['experts'], ',')} | {row['table_dtype']} | "
               + " | ".join(f"{row[f'traffic@{w}'] / 1e9:.2f} GB" for w in args.world)
               + f" | {row['checkpoint'] / 1e9:.2f} GB |")
     return rows

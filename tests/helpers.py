@@ -1,7 +1,8 @@
 """Helpers shared by the tests (the fixtures in conftest.py wrap them): one tiny-model factory and its stand-in
-tokenizer; weights are perturbed with tsparse.modules.perturb_."""
+tokenizer, and the one-error-line check of the CLIs; weights are perturbed with tsparse.modules.perturb_."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 TINY_BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
@@ -36,3 +37,13 @@ def make_tiny_model(specs: dict, seed: int = 0, perturb: float = 0.0, **base):
         for module in model.sparse_modules().values():
             perturb_(module, perturb)
     return model
+
+
+def one_error_line(capsys, call) -> str:
+    """The one `error:` line (exit code 2) that `call()` must end with."""
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err

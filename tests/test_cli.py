@@ -6,14 +6,7 @@ from tsparse import params, report, viz
 from tsparse.cli import precheck
 from tsparse.train import check
 
-
-def one_error_line(capsys, call) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        call()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
+from helpers import one_error_line
 
 
 @pytest.fixture(scope="module")

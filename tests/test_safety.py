@@ -20,16 +20,9 @@ from tsparse.export import EXPORT_MARKER, check_export_target, main as export_ma
 from tsparse.rundir import LOCK_FILE, lock_run_dir
 from tsparse.train import check as train_check
 
+from helpers import one_error_line
+
 CANARY_CODE = "import pathlib; pathlib.Path({path!r}).write_text('ran')\n"
-
-
-def one_error_line(capsys, call) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        call()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
 
 
 @pytest.fixture

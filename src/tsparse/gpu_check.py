@@ -9,8 +9,6 @@ without the KV cache (same tokens); 3 steps of 2-GPU DDP over NCCL when two GPUs
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import torch
 
 from tsparse.cli import ArgumentParser, fail, positive_int
 from tsparse.config import project_root
-from tsparse.rehearse import call, run_stage, stage_table, train_args
+from tsparse.rehearse import call, in_work_dir, run_stage, stage_table, train_args
 
 
 def gpu_check(work: Path, experts: int, data_dir: str) -> list:
@@ -51,14 +49,8 @@ def main(argv: list[str] | None = None) -> list:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         fail("tsparse.gpu_check needs a CUDA GPU and torch.cuda.is_available() is False")
-    work = args.work or Path(tempfile.mkdtemp(prefix="tsparse-gpu-check-"))
-    work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    try:
-        stages = gpu_check(work, args.experts, args.data_dir)
-    finally:
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
+    stages = in_work_dir(args.work, "tsparse-gpu-check-", False, lambda work: gpu_check(work, args.experts, args.data_dir))
     print(f"\nGPU check on {torch.cuda.get_device_name()} x {torch.cuda.device_count()}, {args.experts:,} experts, "
           f"{time.perf_counter() - start:.0f} s in all:")
     print(stage_table(stages))

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 from tsparse.cli import ArgumentParser, fail, positive_int
@@ -37,6 +38,17 @@ class Stage:
     peak_rss: int      # bytes, of the stage's process (os.wait4)
     ok: bool
     note: str = ""
+
+
+def in_work_dir(work: Path | None, prefix: str, keep: bool, stages: Callable[[Path], list[Stage]]) -> list[Stage]:
+    """`stages(folder)` in `work`, or in a temporary folder it creates and then removes (unless `keep`)."""
+    folder = work or Path(tempfile.mkdtemp(prefix=prefix))
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return stages(folder)
+    finally:
+        if work is None and not keep:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_stage(name: str, args: list[str], log_dir: Path, timeout: float = 3600) -> Stage:
@@ -180,14 +192,8 @@ def main(argv: list[str] | None = None) -> list[Stage]:
     args = parser.parse_args(argv)
     if not Path(args.data_dir, "train.txt").is_file():
         fail(f"--data-dir {args.data_dir} holds no train.txt (the local WikiText-2 copy)")
-    work = args.work or Path(tempfile.mkdtemp(prefix="tsparse-rehearse-"))
-    work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    try:
-        stages = rehearse(work, args.experts, args.data_dir)
-    finally:
-        if args.work is None and not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+    stages = in_work_dir(args.work, "tsparse-rehearse-", args.keep, lambda work: rehearse(work, args.experts, args.data_dir))
     print(f"\nTinyLlama rehearsal, {args.experts:,} experts, bf16 tables, {time.perf_counter() - start:.0f} s in all:")
     print(stage_table(stages))
     if not all(s.ok for s in stages) or len(stages) < 5:

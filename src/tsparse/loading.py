@@ -102,6 +102,15 @@ def available_memory() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def check_fits(model_dir: Path, size: int) -> None:
+    """Refuse a model of `size` bytes that the memory available cannot hold (e.g. a config.json asking for
+    10**12 experts)."""
+    available = available_memory()
+    if size > available:
+        raise ConfigError(f"{model_dir}: the model needs {size / 1e9:.1f} GB, more than the "
+                          f"{available / 1e9:.1f} GB of memory available (check its config.json sizes)")
+
+
 def is_module_key(key: str) -> bool:
     return any(re.search(pattern, key) for pattern in MODULE_KEY_PATTERNS)
 
@@ -115,9 +124,7 @@ def check_weights(model_dir: Path, config, allow_missing_modules: bool = False) 
     if getattr(config, "tie_word_embeddings", False):
         expected.pop("lm_head.weight", None)
     size = sum(t.numel() * _DTYPE_BYTES.get(header.get(k, ("F32",))[0], 4) for k, t in expected.items())
-    if size > available_memory():
-        raise ConfigError(f"{model_dir}: the model needs {size / 1e9:.1f} GB, more than the "
-                          f"{available_memory() / 1e9:.1f} GB of memory available (check its config.json sizes)")
+    check_fits(model_dir, size)
     missing = [k for k in expected if k not in header]
     base_missing = [k for k in missing if not is_module_key(k)]
     if base_missing:
@@ -186,9 +193,7 @@ def load_run(run_dir: Path, which: str = "last"):
     ckpt = run_checkpoint(run_dir, which)
     with torch.device("meta"):
         size = sum(p.numel() * p.element_size() for p in TsparseForCausalLM(config).parameters())
-    if size > available_memory():
-        raise ConfigError(f"{card}: the model needs {size / 1e9:.1f} GB, more than the "
-                          f"{available_memory() / 1e9:.1f} GB of memory available")
+    check_fits(card, size)
     model = TsparseForCausalLM(config)
     run_cfg = run_config(run_dir)
     lora = run_cfg is not None and run_cfg.optim.base == "lora"

@@ -21,10 +21,11 @@ artifacts/micro-base/config.json: | install
 run: install artifacts/micro-base/config.json
 	$(PY) -m tsparse.train +experiment=diff_lr ckpt_path=auto
 
-# The quality study of docs/results.md: 9 experiments x 3 seeds, then the report (~1.5-2 h on 2 CPU cores;
-# re-running it resumes an interrupted sweep).
+# A study of docs/results.md (STUDY=quality|experts|ablations, conf/study/): its cells x 3 seeds, then its
+# report in outputs/study/micro/reports/$(STUDY)/. Re-running it resumes an interrupted study.
+STUDY ?= quality
 study: install artifacts/micro-base/config.json
-	$(PY) -m tsparse.train -m +study=quality
+	$(PY) -m tsparse.train -m +study=$(STUDY)
 
 pretrain: install
 	$(PY) -m tsparse.train +experiment=pretrain_micro

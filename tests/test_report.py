@@ -135,3 +135,35 @@ def test_no_runs_is_a_one_line_error(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(tmp_path / "empty") in err
+
+
+def test_compare_is_the_two_std_rule():
+    assert report.compare((10.0, 0.1), (10.3, 0.1)) == "lower"      # gap 0.3 > 2 x 0.1
+    assert report.compare((10.3, 0.1), (10.0, 0.05)) == "higher"
+    assert report.compare((10.0, 0.2), (10.3, 0.1)) == "n.d."       # gap 0.3 <= 2 x the larger std 0.2
+    assert report.compare((10.0, None), (10.3, 0.1)) == "lower"     # a reference without spread (the base)
+    assert report.compare((10.0, None), (10.3, None)) == "-"
+    assert report.compare((None, None), (10.3, 0.1)) == "-"
+
+
+def test_family_and_experts_of_a_run(sweep):
+    run = report.Run.load(sweep / "engram" / "job,seed=0")
+    assert (run.family, run.experts) == ("engram (joint)", None)
+
+
+def test_expert_sweep_table_and_plot(tmp_path):
+    def row(family, experts, ppl, std):
+        return {"family": family, "experts": experts, "total_params": 1_000 * experts, "tokens_per_sec": 1e6 / experts,
+                "test_ppl_mean": ppl, "test_ppl_std": std, "test_ppl_n": 3}
+    rows = [row("peer (joint)", 16384, 95.0, 0.1), row("peer (joint)", 4096, 96.0, 0.1), row("peer (joint)", 65536, 94.9, 0.1),
+            row("engram+peer+mhc (joint)", 16384, 83.0, 0.2), {**row("engram (joint)", 1, 80.0, 0.1), "experts": None}]
+    sweeps = report.expert_sweeps(rows)
+    assert list(sweeps) == ["peer (joint)"]  # one count is no sweep; no PEER, no count
+    assert [r["experts"] for r in sweeps["peer (joint)"]] == [4096, 16384, 65536]
+    lines = report.experts_table(sweeps).splitlines()
+    assert lines[2].endswith("| 4,096 | 4,096,000 | 96.00 ± 0.10 | 244 |  |")
+    assert lines[3].endswith("| lower |") and lines[4].endswith("| n.d. |")  # 95.0 vs 96.0; 94.9 vs 95.0
+    assert lines[-1] == "- peer (joint): 65,536 experts vs 4,096: test ppl 94.90 ± 0.10 vs 96.00 ± 0.10: **lower**"
+    report.plot_experts(sweeps, tmp_path / "experts.png")
+    image = imread(tmp_path / "experts.png")
+    assert image.shape[1] > 1000 and image[..., :3].std() > 0.01

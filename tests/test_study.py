@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+from omegaconf import OmegaConf
 
 
 STUDY_ARGS = ("-m", "+study=quality", "model=nano", "data.block_size=64", "logger=csv",
@@ -40,6 +41,40 @@ def test_study_composes_every_experiment_and_seed(compose):
     assert compose(["+study=quality", "+experiment=peer", "model=tinyllama"]).peer.num_experts == 262144
 
 
+def compose_study(study, *overrides):
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from tsparse.config import config_dir
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return hydra_compose("train", overrides=[f"+study={study}", *overrides], return_hydra_config=True)
+
+
+@pytest.mark.parametrize("study", ["experts", "ablations"])
+def test_every_cell_of_a_study_composes_with_its_budget(study):
+    """Each cell as the sweeper composes it: the sweep's overrides first, then the command line's."""
+    experiments = compose_study(study).hydra.sweeper.params["+experiment"].split(",")
+    assert {"baseline", "finetune_control"} < set(experiments)
+    cells = {e: compose_study(study, f"+experiment={e}") for e in experiments}
+    names = [c.experiment_name for c in cells.values()]
+    assert len(set(names)) == len(names)
+    for experiment, cell in cells.items():
+        assert cell.trainer.max_steps == (450 if experiment.endswith("_3x") else 150), experiment
+    if study == "experts":
+        counts = {(c.experiment_name, c.peer.num_experts) for c in cells.values() if "peer" in c.sparse.modules}
+        assert counts == {("peer_4k", 4096), ("peer", 16384), ("peer_65k", 65536), ("peer_262k", 262144),
+                          ("joint", 16384), ("triple_262k", 262144)}
+        assert cells["experts/triple_262k"].sparse.modules == ["engram", "peer", "mhc"]
+    else:
+        assert cells["ablations/diff_lr_3x"].strategy.phase_steps == 150  # each phase = joint's whole budget
+        assert [p.steps for p in cells["ablations/joint_3x"].strategy.phases] == [450]
+        assert cells["ablations/mhc_adapter"].mhc.variant == cells["ablations/joint_adapter"].mhc.variant == "adapter"
+        assert cells["ablations/peer_batchnorm"].peer.query_batchnorm and not cells["peer"].peer.query_batchnorm
+    # A cell two studies share is the same run: same run dir, same config.
+    shared = compose_study("quality", "+experiment=peer", "seed=1")
+    assert compose_study(study, "+experiment=peer", "seed=1").hydra.job.override_dirname == shared.hydra.job.override_dirname
+    job = [OmegaConf.masked_copy(c, [k for k in c if k != "hydra"]) for c in (compose_study(study, "+experiment=peer"), shared)]
+    assert OmegaConf.to_yaml(job[0]) == OmegaConf.to_yaml(job[1]).replace("seed: 1", "seed: 0")
+
+
 def cell_dirs(study):
     """(experiment, seed) -> run dir of every finished cell."""
     found = {}
@@ -56,10 +91,11 @@ def test_study_runs_reports_and_skips_finished_cells(study_root, cli):
     study = study_root / "outputs" / "study" / "nano"
     cells = cell_dirs(study)
     assert sorted(cells) == [("baseline", "seed=0"), ("baseline", "seed=1"), ("engram", "seed=0"), ("engram", "seed=1")]
-    with open(study / "report.csv") as f:
+    reports = study / "reports" / "quality"  # the study's own cells (a study shares its sweep dir with others)
+    with open(reports / "report.csv") as f:
         rows = {r["experiment"]: r for r in csv.DictReader(f)}
     assert rows.keys() == {"baseline", "engram"} and rows["engram"]["n_seeds"] == "2"
-    assert (study / "loss_curves.png").stat().st_size > 0 and "| engram |" in (study / "report.md").read_text()
+    assert (reports / "loss_curves.png").stat().st_size > 0 and "| engram |" in (reports / "report.md").read_text()
 
     assert json.loads((cells["engram", "seed=0"] / "results.json").read_text())["skipped_steps"] == 0
     before = {c: (d / "results.json").read_text() for c, d in cells.items()}

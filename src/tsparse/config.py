@@ -38,7 +38,8 @@ def run_name(prefix: str, override_dirname: str) -> str:
 
 
 def register_resolvers() -> None:
-    resolvers = (("tsparse_root", project_root), ("tsparse_run_name", run_name), ("tsparse_div", lambda a, b: int(a) // int(b)))
+    resolvers = (("tsparse_root", project_root), ("tsparse_run_name", run_name), ("tsparse_div", lambda a, b: int(a) // int(b)),
+                 ("tsparse_mul", lambda a, b: int(a) * int(b)))
     for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

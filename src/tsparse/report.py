@@ -6,16 +6,19 @@ Every directory under a PATH that holds results.json and config.yaml is a run. R
 `run_name` differs only by a `seed=N` part form a group (a run without `run_name` falls into the
 group of its experiment). Each metric is the mean ± sample standard deviation over the group's
 seeds; a single seed is marked "(n=1)", with no std. Δ test ppl compares group means with the
-`baseline` and `finetune_control` experiments (pooled over all their runs). Trainable params count
+`baseline` and `finetune_control` experiments (pooled over all their runs), and a column judges each
+group against the control with the study's 2-std rule (`compare`). Trainable params count
 the engram, peer and mhc groups, plus the whole base unless `optim.base=frozen` (under `lora` that
 overcounts: results.json does not split the adapters from the base).
 
 report.md also gets the modules' final diagnostics (output/input RMS ratios, Engram/PEER RMS ratio,
 Engram gate, PEER expert usage, mHC distance from identity). A run dir holding lm_eval.json
 (`tsparse.lm_eval`) adds one column per lm-eval task/metric (stderr dropped), mean ± std over the seeds
-that have it. Writes report.md, report.csv, loss_curves.png (train/loss per group, mean over seeds) and
-lr_schedule.png (LR per param group, one subplot per group, from its lowest seed) into --out
-(default: the first PATH), and prints the table.
+that have it. Groups of one family (attached kinds + strategy) at two or more PEER expert counts add
+an expert-count table and experts.png (test ppl, params and tokens/s against the count). Writes
+report.md, report.csv, loss_curves.png (train/loss per group, mean over seeds) and lr_schedule.png
+(LR per param group, one subplot per group, from its lowest seed) into --out (default: the first
+PATH), and prints the table.
 """
 from __future__ import annotations
 
@@ -96,6 +99,17 @@ class Run:
         return int(self.cfg.get("seed", 0))
 
     @property
+    def family(self) -> str:
+        """The attached module kinds and the strategy, e.g. `peer (joint)`: the cells an expert-count sweep compares."""
+        modules = OmegaConf.select(self.cfg, "sparse.modules") or []
+        return f"{'+'.join(modules) or 'none'} ({OmegaConf.select(self.cfg, 'strategy.name')})"
+
+    @property
+    def experts(self) -> int | None:
+        """PEER's expert count, if PEER is attached."""
+        return OmegaConf.select(self.cfg, "peer.num_experts") if "peer" in (OmegaConf.select(self.cfg, "sparse.modules") or []) else None
+
+    @property
     def total_params(self) -> int:
         return sum(self.results.get("params", {}).values())
 
@@ -156,6 +170,18 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def compare(a: tuple[float | None, float | None], b: tuple[float | None, float | None]) -> str:
+    """The study's 2-std rule on two (mean, std) of test ppl: `lower` / `higher` (a vs b) when the gap exceeds
+    twice the larger std, else `n.d.` (not distinguishable); `-` when a mean or both stds are missing."""
+    (mean_a, std_a), (mean_b, std_b) = a, b
+    stds = [s for s in (std_a, std_b) if s is not None]
+    if mean_a is None or mean_b is None or not stds:
+        return "-"
+    if abs(mean_a - mean_b) <= 2 * max(stds):
+        return "n.d."
+    return "lower" if mean_a < mean_b else "higher"
+
+
 def logged_values(runs: list[Run], key: str) -> list[float]:
     """results[key] of the runs that report it as non-zero (a run that did not train reports 0 tokens/s)."""
     return [r.results[key] for r in runs if r.results.get(key)]
@@ -168,6 +194,7 @@ def summarize(groups: dict[tuple[str, str], list[Run]]) -> list[dict]:
     for (experiment, name), runs in groups.items():
         row = {"group": name, "experiment": experiment, "n_seeds": len(runs),
                "seeds": " ".join(str(r.seed) for r in runs),
+               "family": runs[0].family, "experts": runs[0].experts,
                "total_params": runs[0].total_params, "trainable_params": runs[0].trainable_params}
         for column, key in METRICS.items():
             values = logged_values(runs, key)
@@ -181,11 +208,12 @@ def summarize(groups: dict[tuple[str, str], list[Run]]) -> list[dict]:
         rows.append(row)
     for reference in REFERENCES:
         pooled = [r for (experiment, _), runs in groups.items() if experiment == reference for r in runs]
-        reference_ppl = mean_std(logged_values(pooled, "test/ppl"))[0]
+        reference_ppl = mean_std(logged_values(pooled, "test/ppl"))
         for row in rows:
             ppl = row["test_ppl_mean"]
             row[f"delta_test_ppl_vs_{reference}_pct"] = (
-                None if ppl is None or reference_ppl is None else 100.0 * (ppl / reference_ppl - 1.0))
+                None if ppl is None or reference_ppl[0] is None else 100.0 * (ppl / reference_ppl[0] - 1.0))
+            row[f"test_ppl_vs_{reference}"] = compare((ppl, row["test_ppl_std"]), reference_ppl)
     return rows
 
 
@@ -199,14 +227,14 @@ def _mean_std_cell(row: dict, column: str, fmt: str = ",.2f") -> str:
 def markdown_table(rows: list[dict]) -> str:
     lm_eval_columns = [k.removesuffix("_mean") for k in rows[0] if k.startswith(LM_EVAL) and k.endswith("_mean")]
     header = ["group", "experiment", "#seeds", "total params", "trainable params", "val ppl", "test ppl",
-              "test word ppl", *(f"Δ test ppl vs {r}" for r in REFERENCES), "tokens/s",
+              "test word ppl", *(f"Δ test ppl vs {r}" for r in REFERENCES), f"vs {REFERENCES[-1]} (2 std)", "tokens/s",
               *(c.removeprefix(LM_EVAL) for c in lm_eval_columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for row in rows:
         deltas = [row[f"delta_test_ppl_vs_{r}_pct"] for r in REFERENCES]
         cells = [f"`{row['group']}`", row["experiment"], str(row["n_seeds"]), f"{row['total_params']:,}",
                  f"{row['trainable_params']:,}", *(_mean_std_cell(row, c) for c in METRICS),
-                 *("-" if d is None else f"{d:+.2f}%" for d in deltas),
+                 *("-" if d is None else f"{d:+.2f}%" for d in deltas), row[f"test_ppl_vs_{REFERENCES[-1]}"],
                  "-" if row["tokens_per_sec"] is None else f"{row['tokens_per_sec']:,.0f}",
                  *(_mean_std_cell(row, c, ".3f") for c in lm_eval_columns)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -244,6 +272,53 @@ def diagnostics_table(groups: dict[tuple[str, str], list[Run]]) -> str:
     if not lines:
         return ""
     return "\n".join(["| " + " | ".join(header) + " |", "|---" + "|---:" * len(DIAGNOSTICS) + "|", *lines])
+
+
+def expert_sweeps(rows: list[dict]) -> dict[str, list[dict]]:
+    """family -> its rows by expert count, for every family measured at two or more expert counts."""
+    families: dict[str, dict[int, dict]] = defaultdict(dict)
+    for row in rows:
+        if row["experts"] is not None and row["test_ppl_mean"] is not None:
+            families[row["family"]].setdefault(row["experts"], row)
+    return {f: [by_count[n] for n in sorted(by_count)] for f, by_count in sorted(families.items()) if len(by_count) > 1}
+
+
+def experts_table(sweeps: dict[str, list[dict]]) -> str:
+    """Test ppl, params and tokens/s against the expert count, each count judged against the previous one
+    and the largest against the smallest (2-std rule)."""
+    lines = ["| family | experts | total params | test ppl | tokens/s | vs previous count (2 std) |",
+             "|---|---:|---:|---:|---:|---|"]
+    verdicts = []
+    for family, rows in sweeps.items():
+        for previous, row in zip([None, *rows], rows):
+            versus = "" if previous is None else compare(*(
+                (r["test_ppl_mean"], r["test_ppl_std"]) for r in (row, previous)))
+            tokens = "-" if row["tokens_per_sec"] is None else f"{row['tokens_per_sec']:,.0f}"
+            lines.append(f"| {family} | {row['experts']:,} | {row['total_params']:,} | "
+                         f"{_mean_std_cell(row, 'test_ppl')} | {tokens} | {versus} |")
+        first, last = rows[0], rows[-1]
+        verdict = compare(*((r["test_ppl_mean"], r["test_ppl_std"]) for r in (last, first)))
+        verdicts.append(f"- {family}: {last['experts']:,} experts vs {first['experts']:,}: test ppl "
+                        f"{_mean_std_cell(last, 'test_ppl')} vs {_mean_std_cell(first, 'test_ppl')}: **{verdict}**")
+    return "\n".join(lines + [""] + verdicts)
+
+
+def plot_experts(sweeps: dict[str, list[dict]], path: Path) -> None:
+    """Test ppl (mean ± std over seeds), total params and training tokens/s against the expert count (log x)."""
+    fig = Figure(figsize=(13, 4), dpi=100, layout="constrained")
+    axes = fig.subplots(1, 3)
+    for family, rows in sweeps.items():
+        counts = [r["experts"] for r in rows]
+        axes[0].errorbar(counts, [r["test_ppl_mean"] for r in rows], yerr=[r["test_ppl_std"] or 0 for r in rows],
+                         marker="o", capsize=3, label=family)
+        axes[1].plot(counts, [r["total_params"] / 1e6 for r in rows], marker="o", label=family)
+        axes[2].plot(counts, [r["tokens_per_sec"] or float("nan") for r in rows], marker="o", label=family)
+    for ax, ylabel in zip(axes, ("test ppl (mean ± std over seeds)", "total params (M)", "training tokens/s")):
+        ax.set(xscale="log", xlabel="PEER experts per layer", ylabel=ylabel)
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.savefig(path)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -320,13 +395,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = summarize(groups)
     table = markdown_table(rows)
     diagnostics = diagnostics_table(groups)
+    sweeps = expert_sweeps(rows)
+    experts = (f"\n## Expert count\n\n{experts_table(sweeps)}\n\n![expert count](experts.png)\n" if sweeps else "")
     (out / "report.md").write_text(
         f"# Results: {len(runs)} runs in {len(groups)} groups\n\n"
         "Mean ± sample std over seeds; Δ in % of the reference experiment's mean test ppl.\n\n"
         f"{table}\n"
         + (f"\n## Module diagnostics at the last logged step\n\nMean over layers, then mean ± std over seeds.\n\n"
-           f"{diagnostics}\n" if diagnostics else ""))
+           f"{diagnostics}\n" if diagnostics else "") + experts)
     write_csv(rows, out / "report.csv")
+    if sweeps:
+        plot_experts(sweeps, out / "experts.png")
     plot_loss_curves(groups, out / "loss_curves.png")
     plot_lr_schedules(groups, out / "lr_schedule.png")
     print(table)
@@ -334,10 +413,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 class ReportOnMultirunEnd(Callback):
-    """Hydra callback (`hydra.callbacks`): write the report of the sweep dir when a multirun ends."""
+    """Hydra callback (`hydra.callbacks`): when a multirun ends, report its own cells (other studies' cells
+    may share the sweep dir) into `<sweep dir>/reports/<study>` (`+study=NAME`; `sweep` without one)."""
+
+    def __init__(self) -> None:
+        self.run_dirs: list[str] = []
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        self.run_dirs.append(str(job_return.hydra_cfg.hydra.runtime.output_dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        main([str(config.hydra.sweep.dir)])
+        if not self.run_dirs:
+            return
+        study = config.hydra.runtime.choices.get("study") or "sweep"
+        main([*self.run_dirs, "--out", str(Path(config.hydra.sweep.dir) / "reports" / study)])
 
 
 if __name__ == "__main__":

@@ -167,3 +167,19 @@ def test_expert_sweep_table_and_plot(tmp_path):
     report.plot_experts(sweeps, tmp_path / "experts.png")
     image = imread(tmp_path / "experts.png")
     assert image.shape[1] > 1000 and image[..., :3].std() > 0.01
+
+
+def test_multirun_report_covers_only_the_sweeps_own_cells(sweep, tmp_path):
+    """Studies share a sweep dir: the callback reports the cells its multirun ran, in reports/<study>/."""
+    from types import SimpleNamespace
+    from omegaconf import OmegaConf
+    callback = report.ReportOnMultirunEnd()
+    for seed in SEEDS:
+        run_dir = sweep / "engram" / f"job,seed={seed}"
+        callback.on_job_end(OmegaConf.create(), SimpleNamespace(hydra_cfg=OmegaConf.create(
+            {"hydra": {"runtime": {"output_dir": str(run_dir)}}})))
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}, "runtime": {"choices": {"study": "experts"}}}})
+    callback.on_multirun_end(config)
+    with open(tmp_path / "reports" / "experts" / "report.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["group"], r["n_seeds"]) for r in rows] == [("engram", "2")]  # not the references beside it

@@ -1,6 +1,7 @@
 """Data parallelism on CPU (2 processes) with sparse PEER/Engram tables, under NCCL's rules (gloo
 collectives that refuse sparse tensors, `trainer=ddp_nccl_rules`), and each combination offered with it:
-staggered freezing, on_non_finite=skip and bf16 tables; FSDP with sparse tables is refused in one line."""
+staggered freezing, on_non_finite=skip and bf16 tables; FSDP2 (`trainer=fsdp2`, the tables replicated) equals
+one process too; FSDP1 with sparse tables is refused in one line."""
 import json
 import math
 import os
@@ -113,17 +114,21 @@ def test_row_sparse_average_over_two_ranks_equals_the_dense_mean(tmp_path):
     assert ranks[0]["averaged"][0]._indices().tolist() == [[1, 2, 5]]
 
 
-@pytest.mark.parametrize("extra", [  # joint (about 100 s on 2 cores) is in the fast suite
-    pytest.param((), id="joint"),
-    pytest.param(("sparse=triple", "strategy=staggered", "strategy.phase_steps=2"), id="staggered",
+@pytest.mark.parametrize("trainer, extra", [  # joint (about 30 s on 2 cores each) is in the fast suite
+    pytest.param("ddp_nccl_rules", (), id="joint"),
+    pytest.param("ddp_nccl_rules", ("sparse=triple", "strategy=staggered", "strategy.phase_steps=2"), id="staggered",
+                 marks=pytest.mark.slow),
+    pytest.param("fsdp2", (), id="fsdp2-joint"),
+    pytest.param("fsdp2", ("sparse=triple", "strategy=staggered", "strategy.phase_steps=2"), id="fsdp2-staggered",
                  marks=pytest.mark.slow)])
-def test_ddp_two_processes_equal_one_process_with_the_global_batch(extra, tmp_path, wikitext_small, cli, cli_args):
+def test_ddp_two_processes_equal_one_process_with_the_global_batch(trainer, extra, tmp_path, wikitext_small, cli,
+                                                                   cli_args):
     """Rank r reads positions r, r+2, ... of the same step-indexed stream, so 2 ranks x batch 4 see the
     samples of 1 process x batch 8 and, with averaged gradients (the tables' through dense all-gathers),
     reach the same weights under NCCL's rules; also when phases freeze groups after DDP registered its
-    hooks (staggered)."""
+    hooks (staggered); and under FSDP2 (`trainer=fsdp2`), which shards the rest and keeps the tables whole."""
     extra = (*extra, *EVERY_STEP_CHECKPOINT)
-    ddp = cli("tsparse.train", *cli_args(tmp_path / "ddp", wikitext_small, *extra, "trainer=ddp_nccl_rules",
+    ddp = cli("tsparse.train", *cli_args(tmp_path / "ddp", wikitext_small, *extra, f"trainer={trainer}",
                                           "data.batch_size=4"))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = cli("tsparse.train", *cli_args(tmp_path / "one", wikitext_small, *extra, "data.batch_size=8"))

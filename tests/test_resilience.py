@@ -66,10 +66,12 @@ def test_sigkill_mid_phase_then_resume_matches_uninterrupted(tmp_path, wikitext_
 
 
 @pytest.mark.slow
-def test_ddp_sigkill_mid_phase_then_resume_matches_uninterrupted(tmp_path, wikitext_small, cli, cli_args, repo):
-    """2 ranks (NCCL's rules): rank 0 alone writes the checkpoints; SIGKILL both ranks after the step-8
-    checkpoint (inside phase 2, steps 6-11), and every rank resumes from it to the uninterrupted run's losses."""
-    ddp = ("trainer=ddp_nccl_rules", "data.batch_size=4", "trainer.max_steps=12", "strategy.phase_steps=6",
+@pytest.mark.parametrize("trainer", ["ddp_nccl_rules", "fsdp2"])
+def test_ddp_sigkill_mid_phase_then_resume_matches_uninterrupted(trainer, tmp_path, wikitext_small, cli, cli_args, repo):
+    """2 ranks (DDP under NCCL's rules; FSDP2): rank 0 alone writes the checkpoints; SIGKILL both ranks after
+    the step-8 checkpoint (inside phase 2, steps 6-11), and every rank resumes from it to the uninterrupted
+    run's losses."""
+    ddp = (f"trainer={trainer}", "data.batch_size=4", "trainer.max_steps=12", "strategy.phase_steps=6",
            "callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.save_top_k=-1")  # keep every 4th step
     full = cli("tsparse.train", *cli_args(tmp_path / "full", wikitext_small, *ddp), timeout=600)
     assert full.returncode == 0, full.stderr[-2000:]

@@ -64,3 +64,31 @@ def average_row_sparse_grads_(params: list[nn.Parameter]) -> None:
                                          p.shape, check_invariants=False).coalesce()
         p.grad = torch.sparse_coo_tensor(summed.indices(), summed.values().div_(world).to(p.dtype), p.shape,
                                          is_coalesced=True, check_invariants=False)
+
+
+def shard_(model: nn.Module, mesh, tables: list[nn.Parameter]) -> list[nn.Parameter]:
+    """FSDP2: shard each decoder layer and the rest of `model` over `mesh`. The row-sparse `tables` (FSDP
+    has no sparse gradients) and the scalar params (mHC's gains; fully_shard refuses 0-d params) stay whole
+    on every rank; returns the scalars, whose grads `average_dense_grads_` must average."""
+    from torch.distributed.fsdp import fully_shard
+    scalars = [p for p in model.parameters() if p.ndim == 0]
+    ignored = set(tables) | set(scalars)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, ignored_params=ignored)
+    return scalars
+
+
+@torch.no_grad()
+def average_dense_grads_(params: list[nn.Parameter]) -> None:
+    """Average the dense grads of `params` over ranks with one all-reduce (None stays None). Every rank
+    must pass the same params in the same order."""
+    if not params:
+        return
+    flat = torch.cat([torch.zeros(p.numel(), device=p.device) if p.grad is None else p.grad.detach().float().reshape(-1)
+                      for p in params])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, value in zip(params, flat.split([p.numel() for p in params])):
+        if p.grad is not None:
+            p.grad.copy_(value.view_as(p.grad))

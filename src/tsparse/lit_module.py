@@ -6,13 +6,15 @@ from functools import partial
 from typing import Callable
 
 import lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
-from tsparse.distributed import average_row_sparse_grads_, broadcast_, row_sparse_tables
+from tsparse.distributed import (average_dense_grads_, average_row_sparse_grads_, broadcast_, row_sparse_tables,
+                                 shard_)
 from tsparse.registry import trainable_groups
 from tsparse.optim import SparseAwareAdamW, grad_norm_and_clip_
 
@@ -57,6 +59,7 @@ class CausalLMModule(L.LightningModule):
         self.skip_step = False
         self.frozen_now: list[nn.Parameter] = []
         self.row_sparse_tables: list[nn.Parameter] = []
+        self.unsharded: list[nn.Parameter] = []  # under FSDP2: the dense params it leaves whole (averaged here)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
@@ -85,8 +88,14 @@ class CausalLMModule(L.LightningModule):
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 self, [name for name, p in self.named_parameters() if any(p is t for t in self.row_sparse_tables)])
 
+    def configure_model(self) -> None:
+        """Under `trainer=fsdp2` (Lightning's ModelParallelStrategy), FSDP2 shards the base and the modules'
+        dense weights; the row-sparse tables stay replicated and are averaged as under DDP."""
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            self.unsharded = shard_(self.model, self.trainer.strategy.device_mesh["data_parallel"], self.row_sparse_tables)
+
     def on_fit_start(self) -> None:
-        broadcast_(self.row_sparse_tables)  # every rank starts from rank 0's tables, as DDP does for the rest
+        broadcast_(self.row_sparse_tables + self.unsharded)  # every rank starts from rank 0's, as DDP does for the rest
 
     def on_train_batch_start(self, batch: Tensor, batch_idx: int) -> None:
         """On several devices, a group frozen by the phase schedule keeps requires_grad (DDP registered its
@@ -101,6 +110,7 @@ class CausalLMModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         average_row_sparse_grads_([t for t in self.row_sparse_tables if not any(t is p for p in self.frozen_now)])
+        average_dense_grads_(self.unsharded)
         for p in self.frozen_now:
             p.grad = None
 

@@ -12,6 +12,7 @@ from typing import Iterable
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw
 
@@ -107,6 +108,16 @@ def coalesced(grad: Tensor) -> Tensor:
     return grad.coalesce()
 
 
+def full(t: Tensor) -> Tensor:
+    """A plain tensor: the whole value of a DTensor (FSDP2's sharded grads and their norms), else `t`."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor, else `t`: what an in-place scaling may touch."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def grad_norm_and_clip_(params: Iterable[Tensor], max_norm: float) -> Tensor:
     """Global L2 norm over dense and sparse grads (coalesced in place); scales them to `max_norm` if > 0.
 
@@ -123,9 +134,9 @@ def grad_norm_and_clip_(params: Iterable[Tensor], max_norm: float) -> Tensor:
             grads.append(p.grad)
     if not grads:
         return torch.zeros(())
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
+    total = torch.linalg.vector_norm(torch.stack([full(torch.linalg.vector_norm(g, dtype=torch.float32)) for g in grads]))
     if max_norm > 0 and math.isfinite(total.item()):
         scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for g in grads:
-            g.mul_(scale.to(g.dtype))
+            local(g).mul_(scale.to(g.dtype))
     return total

@@ -304,20 +304,25 @@ def experts_table(sweeps: dict[str, list[dict]]) -> str:
 
 
 def plot_experts(sweeps: dict[str, list[dict]], path: Path) -> None:
-    """Test ppl (mean ± std over seeds), total params and training tokens/s against the expert count (log x)."""
-    fig = Figure(figsize=(13, 4), dpi=100, layout="constrained")
-    axes = fig.subplots(1, 3)
+    """Test ppl (mean ± std over seeds; one panel per family, their scales differ), total params and
+    training tokens/s against the expert count (log x)."""
+    fig = Figure(figsize=(4.3 * (len(sweeps) + 2), 4), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(sweeps) + 2)
+    for ax, (family, rows) in zip(axes, sweeps.items()):
+        ax.errorbar([r["experts"] for r in rows], [r["test_ppl_mean"] for r in rows],
+                    yerr=[r["test_ppl_std"] or 0 for r in rows], marker="o", capsize=3)
+        ax.set(title=family, ylabel="test ppl (mean ± std over seeds)")
     for family, rows in sweeps.items():
         counts = [r["experts"] for r in rows]
-        axes[0].errorbar(counts, [r["test_ppl_mean"] for r in rows], yerr=[r["test_ppl_std"] or 0 for r in rows],
-                         marker="o", capsize=3, label=family)
-        axes[1].plot(counts, [r["total_params"] / 1e6 for r in rows], marker="o", label=family)
-        axes[2].plot(counts, [r["tokens_per_sec"] or float("nan") for r in rows], marker="o", label=family)
-    for ax, ylabel in zip(axes, ("test ppl (mean ± std over seeds)", "total params (M)", "training tokens/s")):
-        ax.set(xscale="log", xlabel="PEER experts per layer", ylabel=ylabel)
+        axes[-2].plot(counts, [r["total_params"] / 1e6 for r in rows], marker="o", label=family)
+        axes[-1].plot(counts, [r["tokens_per_sec"] or float("nan") for r in rows], marker="o", label=family)
+    axes[-2].set(yscale="log", ylabel="total params (M)")
+    axes[-1].set(ylabel="training tokens/s")
+    axes[-1].legend(fontsize="small")
+    for ax in axes:
         ax.set_xscale("log", base=2)
+        ax.set(xlabel="PEER experts per layer")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize="small")
     fig.savefig(path)
 
 

@@ -115,7 +115,8 @@ def check(cfg: DictConfig) -> list:
     sparse = [f"{name}.sparse_grad" for name, spec in module_specs(cfg).items() if getattr(spec, "sparse_grad", False)]
     if strategy.startswith("fsdp") and sparse:
         raise ConfigError(f"trainer.strategy={strategy} cannot shard sparse gradients (FSDP has none): set "
-                          f"{'=false '.join(sparse)}=false (dense tables, AdamW) or use trainer=ddp")
+                          f"{'=false '.join(sparse)}=false (dense tables, AdamW), or use trainer=fsdp2 (FSDP2, the "
+                          "tables replicated) or trainer=ddp")
     if cfg.ckpt_path not in (None, "last", "auto"):
         load_checkpoint(cfg.ckpt_path, mmap=True)
     if cfg.export_dir is not None:

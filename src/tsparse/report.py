@@ -99,15 +99,19 @@ class Run:
         return int(self.cfg.get("seed", 0))
 
     @property
+    def modules(self) -> list[str]:
+        """The attached module kinds (`sparse.modules`)."""
+        return list(OmegaConf.select(self.cfg, "sparse.modules") or [])
+
+    @property
     def family(self) -> str:
         """The attached module kinds and the strategy, e.g. `peer (joint)`: the cells an expert-count sweep compares."""
-        modules = OmegaConf.select(self.cfg, "sparse.modules") or []
-        return f"{'+'.join(modules) or 'none'} ({OmegaConf.select(self.cfg, 'strategy.name')})"
+        return f"{'+'.join(self.modules) or 'none'} ({OmegaConf.select(self.cfg, 'strategy.name')})"
 
     @property
     def experts(self) -> int | None:
         """PEER's expert count, if PEER is attached."""
-        return OmegaConf.select(self.cfg, "peer.num_experts") if "peer" in (OmegaConf.select(self.cfg, "sparse.modules") or []) else None
+        return OmegaConf.select(self.cfg, "peer.num_experts") if "peer" in self.modules else None
 
     @property
     def total_params(self) -> int:

@@ -186,6 +186,11 @@ def compare(a: tuple[float | None, float | None], b: tuple[float | None, float |
     return "lower" if mean_a < mean_b else "higher"
 
 
+def ppl_of(row: dict) -> tuple[float | None, float | None]:
+    """A summary row's test ppl as (mean, std), what `compare` takes."""
+    return row["test_ppl_mean"], row["test_ppl_std"]
+
+
 def logged_values(runs: list[Run], key: str) -> list[float]:
     """results[key] of the runs that report it as non-zero (a run that did not train reports 0 tokens/s)."""
     return [r.results[key] for r in runs if r.results.get(key)]
@@ -217,7 +222,7 @@ def summarize(groups: dict[tuple[str, str], list[Run]]) -> list[dict]:
             ppl = row["test_ppl_mean"]
             row[f"delta_test_ppl_vs_{reference}_pct"] = (
                 None if ppl is None or reference_ppl[0] is None else 100.0 * (ppl / reference_ppl[0] - 1.0))
-            row[f"test_ppl_vs_{reference}"] = compare((ppl, row["test_ppl_std"]), reference_ppl)
+            row[f"test_ppl_vs_{reference}"] = compare(ppl_of(row), reference_ppl)
     return rows
 
 
@@ -295,13 +300,12 @@ def experts_table(sweeps: dict[str, list[dict]]) -> str:
     verdicts = []
     for family, rows in sweeps.items():
         for previous, row in zip([None, *rows], rows):
-            versus = "" if previous is None else compare(*(
-                (r["test_ppl_mean"], r["test_ppl_std"]) for r in (row, previous)))
+            versus = "" if previous is None else compare(ppl_of(row), ppl_of(previous))
             tokens = "-" if row["tokens_per_sec"] is None else f"{row['tokens_per_sec']:,.0f}"
             lines.append(f"| {family} | {row['experts']:,} | {row['total_params']:,} | "
                          f"{_mean_std_cell(row, 'test_ppl')} | {tokens} | {versus} |")
         first, last = rows[0], rows[-1]
-        verdict = compare(*((r["test_ppl_mean"], r["test_ppl_std"]) for r in (last, first)))
+        verdict = compare(ppl_of(last), ppl_of(first))
         verdicts.append(f"- {family}: {last['experts']:,} experts vs {first['experts']:,}: test ppl "
                         f"{_mean_std_cell(last, 'test_ppl')} vs {_mean_std_cell(first, 'test_ppl')}: **{verdict}**")
     return "\n".join(lines + [""] + verdicts)

@@ -21,7 +21,7 @@ artifacts/micro-base/config.json: | install
 run: install artifacts/micro-base/config.json
 	$(PY) -m tsparse.train +experiment=diff_lr ckpt_path=auto
 
-# A study of docs/results.md (STUDY=quality|experts|ablations, conf/study/): its cells x 3 seeds, then its
+# A study of docs/results.md (STUDY=quality|experts|ablations|schedule, conf/study/): its cells x 3 seeds, then its
 # report in outputs/study/micro/reports/$(STUDY)/. Re-running it resumes an interrupted study.
 STUDY ?= quality
 study: install artifacts/micro-base/config.json

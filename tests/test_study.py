@@ -48,7 +48,7 @@ def compose_study(study, *overrides):
         return hydra_compose("train", overrides=[f"+study={study}", *overrides], return_hydra_config=True)
 
 
-@pytest.mark.parametrize("study", ["experts", "ablations"])
+@pytest.mark.parametrize("study", ["experts", "ablations", "schedule"])
 def test_every_cell_of_a_study_composes_with_its_budget(study):
     """Each cell as the sweeper composes it: the sweep's overrides first, then the command line's."""
     experiments = compose_study(study).hydra.sweeper.params["+experiment"].split(",")
@@ -63,15 +63,18 @@ def test_every_cell_of_a_study_composes_with_its_budget(study):
         assert counts == {("peer_4k", 4096), ("peer", 16384), ("peer_65k", 65536), ("peer_262k", 262144),
                           ("joint", 16384), ("triple_262k", 262144)}
         assert cells["experts/triple_262k"].sparse.modules == ["engram", "peer", "mhc"]
+    elif study == "schedule":
+        assert cells["schedule/diff_lr_3x"].strategy.phase_steps == 150  # each phase = joint's whole budget
+        assert [p.steps for p in cells["schedule/joint_3x"].strategy.phases] == [450]
     else:
-        assert cells["ablations/diff_lr_3x"].strategy.phase_steps == 150  # each phase = joint's whole budget
-        assert [p.steps for p in cells["ablations/joint_3x"].strategy.phases] == [450]
         assert cells["ablations/mhc_adapter"].mhc.variant == cells["ablations/joint_adapter"].mhc.variant == "adapter"
         assert cells["ablations/peer_batchnorm"].peer.query_batchnorm and not cells["peer"].peer.query_batchnorm
     # A cell two studies share is the same run: same run dir, same config.
-    shared = compose_study("quality", "+experiment=peer", "seed=1")
-    assert compose_study(study, "+experiment=peer", "seed=1").hydra.job.override_dirname == shared.hydra.job.override_dirname
-    job = [OmegaConf.masked_copy(c, [k for k in c if k != "hydra"]) for c in (compose_study(study, "+experiment=peer"), shared)]
+    shared = compose_study("quality", "+experiment=finetune_control", "seed=1")
+    assert (compose_study(study, "+experiment=finetune_control", "seed=1").hydra.job.override_dirname ==
+            shared.hydra.job.override_dirname)
+    job = [OmegaConf.masked_copy(c, [k for k in c if k != "hydra"])
+           for c in (compose_study(study, "+experiment=finetune_control"), shared)]
     assert OmegaConf.to_yaml(job[0]) == OmegaConf.to_yaml(job[1]).replace("seed: 1", "seed: 0")
 
 

@@ -146,6 +146,20 @@ def test_compare_is_the_two_std_rule():
     assert report.compare((None, None), (10.3, 0.1)) == "-"
 
 
+def test_versus_pairs_are_judged_and_unknown_names_refused(sweep, tmp_path, capsys):
+    out = tmp_path / "report"
+    rows = report.main([str(sweep), "--out", str(out), "--versus", "engram:finetune_control"])
+    engram, control = (next(r for r in rows if r["experiment"] == e) for e in ("engram", "finetune_control"))
+    verdict = report.compare(report.ppl_of(engram), report.ppl_of(control))
+    line = next(l for l in (out / "report.md").read_text().splitlines() if l.startswith("- engram vs finetune_control"))
+    assert line.endswith(f"**{verdict}**") and f"({engram['test_ppl_mean'] - control['test_ppl_mean']:+.2f})" in line
+    for bad in ("engram:peer", "engram"):
+        with pytest.raises(SystemExit):
+            report.main([str(sweep), "--out", str(out), "--versus", bad])
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--versus {bad}" in err and "baseline, engram, finetune_control" in err
+
+
 def test_family_and_experts_of_a_run(sweep):
     run = report.Run.load(sweep / "engram" / "job,seed=0")
     assert (run.family, run.experts) == ("engram (joint)", None)
@@ -173,7 +187,7 @@ def test_multirun_report_covers_only_the_sweeps_own_cells(sweep, tmp_path):
     """Studies share a sweep dir: the callback reports the cells its multirun ran, in reports/<study>/."""
     from types import SimpleNamespace
     from omegaconf import OmegaConf
-    callback = report.ReportOnMultirunEnd()
+    callback = report.ReportOnMultirunEnd(versus=["engram:engram"])
     for seed in SEEDS:
         run_dir = sweep / "engram" / f"job,seed={seed}"
         callback.on_job_end(OmegaConf.create(), SimpleNamespace(hydra_cfg=OmegaConf.create(
@@ -183,3 +197,4 @@ def test_multirun_report_covers_only_the_sweeps_own_cells(sweep, tmp_path):
     with open(tmp_path / "reports" / "experts" / "report.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["group"], r["n_seeds"]) for r in rows] == [("engram", "2")]  # not the references beside it
+    assert "- engram vs engram: " in (tmp_path / "reports" / "experts" / "report.md").read_text()

@@ -48,7 +48,7 @@ def compose_study(study, *overrides):
         return hydra_compose("train", overrides=[f"+study={study}", *overrides], return_hydra_config=True)
 
 
-@pytest.mark.parametrize("study", ["experts", "ablations", "schedule"])
+@pytest.mark.parametrize("study", ["quality", "experts", "ablations", "schedule"])
 def test_every_cell_of_a_study_composes_with_its_budget(study):
     """Each cell as the sweeper composes it: the sweep's overrides first, then the command line's."""
     experiments = compose_study(study).hydra.sweeper.params["+experiment"].split(",")
@@ -56,6 +56,8 @@ def test_every_cell_of_a_study_composes_with_its_budget(study):
     cells = {e: compose_study(study, f"+experiment={e}") for e in experiments}
     names = [c.experiment_name for c in cells.values()]
     assert len(set(names)) == len(names)
+    versus = compose_study(study).hydra.callbacks.report.get("versus", [])
+    assert {name for pair in versus for name in pair.split(":")} <= set(names)  # the report's pairs are cells
     for experiment, cell in cells.items():
         assert cell.trainer.max_steps == (450 if experiment.endswith("_3x") else 150), experiment
     if study == "experts":
@@ -66,7 +68,7 @@ def test_every_cell_of_a_study_composes_with_its_budget(study):
     elif study == "schedule":
         assert cells["schedule/diff_lr_3x"].strategy.phase_steps == 150  # each phase = joint's whole budget
         assert [p.steps for p in cells["schedule/joint_3x"].strategy.phases] == [450]
-    else:
+    elif study == "ablations":
         assert cells["ablations/mhc_adapter"].mhc.variant == cells["ablations/joint_adapter"].mhc.variant == "adapter"
         assert cells["ablations/peer_batchnorm"].peer.query_batchnorm and not cells["peer"].peer.query_batchnorm
     # A cell two studies share is the same run: same run dir, same config.

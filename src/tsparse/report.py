@@ -1,13 +1,14 @@
 """Seed-grouped results table and training plots for a set of run directories.
 
-    python -m tsparse.report PATH... [--out DIR]
+    python -m tsparse.report PATH... [--out DIR] [--versus A:B ...]
 
 Every directory under a PATH that holds results.json and config.yaml is a run. Runs whose
 `run_name` differs only by a `seed=N` part form a group (a run without `run_name` falls into the
 group of its experiment). Each metric is the mean ± sample standard deviation over the group's
 seeds; a single seed is marked "(n=1)", with no std. Δ test ppl compares group means with the
 `baseline` and `finetune_control` experiments (pooled over all their runs), and a column judges each
-group against the control with the study's 2-std rule (`compare`). Trainable params count
+group against the control with the study's 2-std rule (`compare`); `--versus A:B` adds that verdict for
+experiment A against experiment B (a study's comparisons, e.g. `mhc_adapter:mhc`). Trainable params count
 the engram, peer and mhc groups, plus the whole base unless `optim.base=frozen` (under `lora` that
 overcounts: results.json does not split the adapters from the base).
 
@@ -311,6 +312,27 @@ def experts_table(sweeps: dict[str, list[dict]]) -> str:
     return "\n".join(lines + [""] + verdicts)
 
 
+def versus_list(rows: list[dict], pairs: list[str]) -> str:
+    """One line per `A:B` pair of experiments: A's test ppl against B's, with the 2-std verdict."""
+    by_experiment = {row["experiment"]: row for row in rows}
+    lines = []
+    for pair in pairs:
+        a, b = (by_experiment[name] for name in pair.split(":"))
+        lines.append(f"- {a['experiment']} vs {b['experiment']}: test ppl {_mean_std_cell(a, 'test_ppl')} vs "
+                     f"{_mean_std_cell(b, 'test_ppl')} ({a['test_ppl_mean'] - b['test_ppl_mean']:+.2f}): "
+                     f"**{compare(ppl_of(a), ppl_of(b))}**")
+    return "\n".join(lines)
+
+
+def check_pairs(pairs: list[str], experiments: set[str]) -> None:
+    """Each `--versus` pair names two experiments that have runs here."""
+    for pair in pairs:
+        names = pair.split(":")
+        unknown = [n for n in names if n not in experiments]
+        if len(names) != 2 or unknown:
+            raise ConfigError(f"--versus {pair}: want A:B, two of the experiments here: {', '.join(sorted(experiments))}")
+
+
 def plot_experts(sweeps: dict[str, list[dict]], path: Path) -> None:
     """Test ppl (mean ± std over seeds; one panel per family, their scales differ), total params and
     training tokens/s against the expert count (log x)."""
@@ -395,6 +417,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = ArgumentParser(prog="python -m tsparse.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="run dirs or folders holding them")
     parser.add_argument("--out", type=Path, help="output folder (default: the first PATH)")
+    parser.add_argument("--versus", nargs="+", default=[], metavar="A:B",
+                        help="experiment pairs to judge with the 2-std rule (A against B)")
     args = parser.parse_args(argv)
     with one_line_errors(OSError):
         if args.out is not None and args.out.exists() and not args.out.is_dir():
@@ -402,6 +426,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         runs = find_runs(args.paths)
         if not runs:
             raise ConfigError(f"no run directories (results.json + config.yaml) under {', '.join(map(str, args.paths))}")
+        check_pairs(args.versus, {r.experiment for r in runs})
     out = args.out or args.paths[0]
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)
@@ -410,12 +435,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     diagnostics = diagnostics_table(groups)
     sweeps = expert_sweeps(rows)
     experts = (f"\n## Expert count\n\n{experts_table(sweeps)}\n\n![expert count](experts.png)\n" if sweeps else "")
+    versus = (f"\n## Comparisons (2 std)\n\n{versus_list(rows, args.versus)}\n" if args.versus else "")
     (out / "report.md").write_text(
         f"# Results: {len(runs)} runs in {len(groups)} groups\n\n"
         "Mean ± sample std over seeds; Δ in % of the reference experiment's mean test ppl.\n\n"
         f"{table}\n"
         + (f"\n## Module diagnostics at the last logged step\n\nMean over layers, then mean ± std over seeds.\n\n"
-           f"{diagnostics}\n" if diagnostics else "") + experts)
+           f"{diagnostics}\n" if diagnostics else "") + versus + experts)
     write_csv(rows, out / "report.csv")
     if sweeps:
         plot_experts(sweeps, out / "experts.png")
@@ -427,9 +453,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 class ReportOnMultirunEnd(Callback):
     """Hydra callback (`hydra.callbacks`): when a multirun ends, report its own cells (other studies' cells
-    may share the sweep dir) into `<sweep dir>/reports/<study>` (`+study=NAME`; `sweep` without one)."""
+    may share the sweep dir) into `<sweep dir>/reports/<study>` (`+study=NAME`; `sweep` without one),
+    with the study's `versus` pairs judged."""
 
-    def __init__(self) -> None:
+    def __init__(self, versus: list[str] | None = None) -> None:
+        self.versus = list(versus or [])
         self.run_dirs: list[str] = []
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
@@ -439,7 +467,8 @@ class ReportOnMultirunEnd(Callback):
         if not self.run_dirs:
             return
         study = config.hydra.runtime.choices.get("study") or "sweep"
-        main([*self.run_dirs, "--out", str(Path(config.hydra.sweep.dir) / "reports" / study)])
+        versus = ["--versus", *self.versus] if self.versus else []
+        main([*self.run_dirs, "--out", str(Path(config.hydra.sweep.dir) / "reports" / study), *versus])
 
 
 if __name__ == "__main__":

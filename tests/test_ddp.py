@@ -1,7 +1,7 @@
 """Data parallelism on CPU (2 processes) with sparse PEER/Engram tables, under NCCL's rules (gloo
 collectives that refuse sparse tensors, `trainer=ddp_nccl_rules`), and each combination offered with it:
-staggered freezing, on_non_finite=skip and bf16 tables; FSDP2 (`trainer=fsdp2`, the tables replicated) equals
-one process too; FSDP1 with sparse tables is refused in one line."""
+staggered freezing, on_non_finite=skip and bf16 tables; FSDP2 (`trainer=fsdp2`, the tables replicated), on gloo
+and under NCCL's rules, equals one process too; FSDP1 with sparse tables is refused in one line."""
 import json
 import math
 import os
@@ -126,14 +126,16 @@ BF16_TABLES = ("peer.table_dtype=bfloat16", "engram.table_dtype=bfloat16")
     pytest.param("ddp_nccl_rules", ("optim.on_non_finite=skip",), True, id="skip", marks=pytest.mark.slow),
     pytest.param("ddp_nccl_rules", BF16_TABLES, False, id="bf16-tables", marks=pytest.mark.slow),
     pytest.param("fsdp2", (), False, id="fsdp2-joint"),
-    pytest.param("fsdp2", TRIPLE_STAGGERED, False, id="fsdp2-staggered", marks=pytest.mark.slow)])
+    pytest.param("fsdp2_nccl_rules", (), False, id="fsdp2-nccl-rules-joint"),
+    pytest.param("fsdp2_nccl_rules", TRIPLE_STAGGERED, False, id="fsdp2-nccl-rules-staggered", marks=pytest.mark.slow)])
 def test_ddp_two_processes_equal_one_process_with_the_global_batch(trainer, extra, nan, tmp_path, wikitext_small,
                                                                    cli, cli_args, repo):
     """Rank r reads positions r, r+2, ... of the same step-indexed stream, so 2 ranks x batch 4 see the
     samples of 1 process x batch 8 and, with averaged gradients (the tables' through dense all-gathers),
     reach the same weights under NCCL's rules; also when phases freeze groups after DDP registered its
     hooks (staggered), when one rank's loss is NaN (both skip that step, as one process does), with bf16
-    tables, and under FSDP2 (`trainer=fsdp2`), which shards the rest and keeps the tables whole."""
+    tables, and under FSDP2 (`trainer=fsdp2`, on gloo and under NCCL's rules), which shards the rest and keeps
+    the tables whole."""
     extra = (*extra, *EVERY_STEP_CHECKPOINT)
     script = tmp_path / "nan_at_step_2.py"
     script.write_text(NAN_AT_STEP_2)

@@ -1,14 +1,13 @@
 """NCCL's rules on CPU: a process group that runs its collectives on gloo but, like stock NCCL
 (`ProcessGroupNCCL::allreduce_sparse` raises), refuses every sparse tensor. `trainer=ddp_nccl_rules`
-runs DDP on it and `trainer=fsdp2_nccl_rules` FSDP2, so that CPU tests prove that a multi-rank run needs
-only collectives NCCL has."""
+runs DDP on it, so that CPU tests prove that a multi-rank run needs only collectives NCCL has."""
 from __future__ import annotations
 
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy
 
 BACKEND = "nccl_rules"
 
@@ -27,8 +26,7 @@ def refuse_sparse(collective: str, *tensors) -> None:
 
 
 class NCCLRulesProcessGroup(dist.ProcessGroup):
-    """The dense collectives DDP, FSDP2, Lightning and tsparse use, forwarded to a gloo group; sparse input
-    raises."""
+    """The dense collectives DDP, Lightning and tsparse use, forwarded to a gloo group; sparse input raises."""
 
     def __init__(self, store: dist.Store, rank: int, size: int, timeout: timedelta):
         super().__init__(rank, size)
@@ -45,14 +43,6 @@ class NCCLRulesProcessGroup(dist.ProcessGroup):
     def allgather(self, output_tensors, input_tensors, opts):
         refuse_sparse("allgather", output_tensors, input_tensors)
         return self.gloo.allgather(output_tensors, input_tensors, opts)
-
-    def all_gather_single(self, output, input, opts):  # FSDP2's parameter all-gather
-        refuse_sparse("all_gather_single", output, input)
-        return self.gloo._allgather_base(output, input, opts)
-
-    def reduce_scatter_single(self, output, input, opts):  # FSDP2's gradient reduce-scatter
-        refuse_sparse("reduce_scatter_single", output, input)
-        return self.gloo._reduce_scatter_base(output, input, opts)
 
     def barrier(self, opts):
         return self.gloo.barrier(opts)
@@ -71,9 +61,3 @@ def ddp_strategy(**kwargs) -> DDPStrategy:
     """Lightning's DDP on the NCCL-rules process group (what `conf/trainer/ddp_nccl_rules.yaml` builds)."""
     register()
     return DDPStrategy(process_group_backend=BACKEND, **kwargs)
-
-
-def fsdp2_strategy(**kwargs) -> ModelParallelStrategy:
-    """Lightning's FSDP2 (ModelParallelStrategy) on the NCCL-rules process group (`conf/trainer/fsdp2_nccl_rules.yaml`)."""
-    register()
-    return ModelParallelStrategy(process_group_backend=BACKEND, **kwargs)

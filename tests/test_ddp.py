@@ -3,7 +3,6 @@ collectives that refuse sparse tensors, `trainer=ddp_nccl_rules`), and each comb
 staggered freezing, on_non_finite=skip and bf16 tables; FSDP2 (`trainer=fsdp2`, the tables replicated) equals
 one process too; FSDP1 with sparse tables is refused in one line."""
 import json
-import math
 import os
 import subprocess
 import sys

@@ -1,7 +1,7 @@
 """Data parallelism on CPU (2 processes) with sparse PEER/Engram tables, under NCCL's rules (gloo
 collectives that refuse sparse tensors, `trainer=ddp_nccl_rules`), and each combination offered with it:
-staggered freezing, on_non_finite=skip and bf16 tables; FSDP2 (`trainer=fsdp2`, the tables replicated) equals
-one process too; FSDP1 with sparse tables is refused in one line."""
+staggered freezing, on_non_finite=skip and bf16 tables; FSDP2 under the same rules (`trainer=fsdp2_nccl_rules`,
+the tables replicated) equals one process too; FSDP1 with sparse tables is refused in one line."""
 import json
 import os
 import subprocess
@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from tsparse.checks import ConfigError
-from tsparse.distributed import average_row_sparse_grads_
+from tsparse.distributed import average_row_sparse_grads_, shard_
 from tsparse.nccl_rules import BACKEND, SparseCollectiveError, register
 from tsparse.optim import SparseAwareAdamW
 from tsparse.scaleout import checkpoint_bytes, table_traffic_bytes
@@ -115,6 +115,46 @@ def test_row_sparse_average_over_two_ranks_equals_the_dense_mean(tmp_path):
     assert ranks[0]["averaged"][0]._indices().tolist() == [[1, 2, 5]]
 
 
+def _fsdp2_on_two_ranks(rank: int, store_file: str, out_dir: str) -> None:
+    register()
+    dist.init_process_group(BACKEND, init_method=f"file://{store_file}", rank=rank, world_size=2)
+    from torch.distributed.device_mesh import init_device_mesh
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.table = nn.Embedding(10, 4, sparse=True)
+    model.model = nn.Module()
+    model.model.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+    shard_(model, init_device_mesh("cpu", (2,)), [model.table.weight])
+    x = model.table(torch.tensor([rank, 5]))
+    for layer in model.model.layers:
+        x = layer(x)
+    x.square().sum().backward()
+    average_row_sparse_grads_([model.table.weight])
+    try:
+        dist.all_reduce(model.table.weight.grad)
+    except SparseCollectiveError as err:
+        refused = str(err)
+    full = {name: p.grad.full_tensor() for name, p in model.model.named_parameters()}
+    torch.save({"calls": dist.group.WORLD.calls, "refused": refused, "table": model.table.weight.grad.to_dense(),
+                "full": full}, Path(out_dir) / f"{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_fsdp2_collectives_all_go_through_the_nccl_rules_group(tmp_path):
+    """fully_shard on the NCCL-rules group (DeviceMesh finds its name): FSDP2's all-gathers and reduce-scatters,
+    DTensor's full_tensor and the tables' exchange all run through its dense-only collectives, which refuse
+    a sparse all-reduce; both ranks end with the same grads."""
+    mp.spawn(_fsdp2_on_two_ranks, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
+    for r in ranks:
+        assert {"all_gather_single", "reduce_scatter_single", "allgather_into_tensor_coalesced", "allgather"} <= set(r["calls"])
+        assert "NCCL has no sparse collectives" in r["refused"]
+    torch.testing.assert_close(ranks[0]["table"], ranks[1]["table"], rtol=0, atol=0)
+    assert ranks[0]["table"][[0, 1, 5]].abs().sum(1).gt(0).all()  # rank 0's row, rank 1's row, the shared row
+    for name, grad in ranks[0]["full"].items():
+        torch.testing.assert_close(grad, ranks[1]["full"][name], rtol=0, atol=0)
+
+
 TRIPLE_STAGGERED = ("sparse=triple", "strategy=staggered", "strategy.phase_steps=2")
 BF16_TABLES = ("peer.table_dtype=bfloat16", "engram.table_dtype=bfloat16")
 
@@ -124,15 +164,15 @@ BF16_TABLES = ("peer.table_dtype=bfloat16", "engram.table_dtype=bfloat16")
     pytest.param("ddp_nccl_rules", TRIPLE_STAGGERED, False, id="staggered", marks=pytest.mark.slow),
     pytest.param("ddp_nccl_rules", ("optim.on_non_finite=skip",), True, id="skip", marks=pytest.mark.slow),
     pytest.param("ddp_nccl_rules", BF16_TABLES, False, id="bf16-tables", marks=pytest.mark.slow),
-    pytest.param("fsdp2", (), False, id="fsdp2-joint"),
-    pytest.param("fsdp2", TRIPLE_STAGGERED, False, id="fsdp2-staggered", marks=pytest.mark.slow)])
+    pytest.param("fsdp2_nccl_rules", (), False, id="fsdp2-joint"),
+    pytest.param("fsdp2_nccl_rules", TRIPLE_STAGGERED, False, id="fsdp2-staggered", marks=pytest.mark.slow)])
 def test_ddp_two_processes_equal_one_process_with_the_global_batch(trainer, extra, nan, tmp_path, wikitext_small,
                                                                    cli, cli_args, repo):
     """Rank r reads positions r, r+2, ... of the same step-indexed stream, so 2 ranks x batch 4 see the
     samples of 1 process x batch 8 and, with averaged gradients (the tables' through dense all-gathers),
     reach the same weights under NCCL's rules; also when phases freeze groups after DDP registered its
     hooks (staggered), when one rank's loss is NaN (both skip that step, as one process does), with bf16
-    tables, and under FSDP2 (`trainer=fsdp2`), which shards the rest and keeps the tables whole."""
+    tables, and under FSDP2 (`trainer=fsdp2_nccl_rules`), which shards the rest and keeps the tables whole."""
     extra = (*extra, *EVERY_STEP_CHECKPOINT)
     script = tmp_path / "nan_at_step_2.py"
     script.write_text(NAN_AT_STEP_2)
@@ -146,6 +186,7 @@ def test_ddp_two_processes_equal_one_process_with_the_global_batch(trainer, extr
 
     ddp = train("ddp", f"trainer={trainer}", "data.batch_size=4")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert f"distributed_backend={BACKEND}" in ddp.stdout + ddp.stderr
     single = train("one", "data.batch_size=8")
     assert single.returncode == 0, single.stderr[-3000:]
     a, b = results(tmp_path, "ddp"), results(tmp_path, "one")

@@ -66,9 +66,9 @@ def test_sigkill_mid_phase_then_resume_matches_uninterrupted(tmp_path, wikitext_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trainer", ["ddp_nccl_rules", "fsdp2"])
+@pytest.mark.parametrize("trainer", ["ddp_nccl_rules", "fsdp2_nccl_rules"])
 def test_ddp_sigkill_mid_phase_then_resume_matches_uninterrupted(trainer, tmp_path, wikitext_small, cli, cli_args, repo):
-    """2 ranks (DDP under NCCL's rules; FSDP2): rank 0 alone writes the checkpoints; SIGKILL both ranks after
+    """2 ranks (DDP and FSDP2, under NCCL's rules): rank 0 alone writes the checkpoints; SIGKILL both ranks after
     the step-8 checkpoint (inside phase 2, steps 6-11), and every rank resumes from it to the uninterrupted
     run's losses."""
     ddp = (f"trainer={trainer}", "data.batch_size=4", "trainer.max_steps=12", "strategy.phase_steps=6",

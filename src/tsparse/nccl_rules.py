@@ -1,13 +1,15 @@
 """NCCL's rules on CPU: a process group that runs its collectives on gloo but, like stock NCCL
 (`ProcessGroupNCCL::allreduce_sparse` raises), refuses every sparse tensor. `trainer=ddp_nccl_rules`
-runs DDP on it, so that CPU tests prove that a multi-rank run needs only collectives NCCL has."""
+and `trainer=fsdp2_nccl_rules` run on it, so that CPU tests prove that a multi-rank run needs only
+collectives NCCL has."""
 from __future__ import annotations
 
 from datetime import timedelta
+from functools import partialmethod
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 BACKEND = "nccl_rules"
 
@@ -17,38 +19,58 @@ class SparseCollectiveError(RuntimeError):
 
 
 def refuse_sparse(collective: str, *tensors) -> None:
-    """Raise if any tensor (in nested lists) is not dense, as NCCL has no sparse collectives."""
+    """Raise if any tensor (in nested lists; other arguments are skipped) is not dense, as NCCL has no sparse collectives."""
     for t in tensors:
         if isinstance(t, (list, tuple)):
             refuse_sparse(collective, *t)
-        elif t.layout != torch.strided:
+        elif isinstance(t, torch.Tensor) and t.layout != torch.strided:
             raise SparseCollectiveError(f"{collective} got a {t.layout} tensor; NCCL has no sparse collectives")
 
 
 class NCCLRulesProcessGroup(dist.ProcessGroup):
-    """The dense collectives DDP, Lightning and tsparse use, forwarded to a gloo group; sparse input raises."""
+    """Every collective that DDP, FSDP2 (`dist.*_single`, DTensor's functional collectives), Lightning and
+    tsparse use, forwarded to a gloo group (`FORWARDED`); sparse input raises. `calls` counts them.
+
+    The gloo group is also registered as this group's CPU backend, because c10d keeps a group's name
+    (which DeviceMesh and functional collectives look groups up by) in its backend."""
 
     def __init__(self, store: dist.Store, rank: int, size: int, timeout: timedelta):
         super().__init__(rank, size)
         self.gloo = dist.ProcessGroupGloo(store, rank, size, timeout)
+        self._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.CUSTOM, self.gloo)
+        self.calls: dict[str, int] = {}
 
-    def allreduce(self, tensors, opts):
-        refuse_sparse("allreduce", tensors)
-        return self.gloo.allreduce(tensors, opts)
+    def run_on_gloo(self, collective: str, *args):
+        """Run `collective` on gloo (`FORWARDED` names its gloo method) after refusing sparse tensors."""
+        refuse_sparse(collective, *args)
+        self.calls[collective] = self.calls.get(collective, 0) + 1
+        return getattr(self.gloo, FORWARDED[collective])(*args)
 
-    def broadcast(self, tensors, opts):
-        refuse_sparse("broadcast", tensors)
-        return self.gloo.broadcast(tensors, opts)
-
-    def allgather(self, output_tensors, input_tensors, opts):
-        refuse_sparse("allgather", output_tensors, input_tensors)
-        return self.gloo.allgather(output_tensors, input_tensors, opts)
+    def forward_coalesced(self, collective: str, outputs, inputs, opts):
+        """One gloo call per (output, input) pair; returns the last one's work, the others waited on."""
+        works = [self.run_on_gloo(collective, out, inp, opts) for out, inp in zip(outputs, inputs)]
+        for work in works[:-1]:
+            work.wait()
+        return works[-1]
 
     def barrier(self, opts):
         return self.gloo.barrier(opts)
 
     def getBackendName(self) -> str:
         return BACKEND
+
+
+# This group's collective -> the gloo method that runs it.
+FORWARDED = {name: name for name in ("allreduce", "allreduce_coalesced", "broadcast", "allgather", "allgather_coalesced",
+                                     "_allgather_base", "reduce_scatter", "_reduce_scatter_base", "reduce",
+                                     "gather", "scatter", "alltoall", "alltoall_base")}
+FORWARDED |= {"all_gather_single": "_allgather_base", "reduce_scatter_single": "_reduce_scatter_base"}
+COALESCED = {"allgather_into_tensor_coalesced": "_allgather_base", "reduce_scatter_tensor_coalesced": "_reduce_scatter_base"}
+FORWARDED |= COALESCED
+for _name in FORWARDED:
+    setattr(NCCLRulesProcessGroup, _name,
+            partialmethod(NCCLRulesProcessGroup.forward_coalesced if _name in COALESCED else NCCLRulesProcessGroup.run_on_gloo,
+                          _name))
 
 
 def register() -> None:
@@ -61,3 +83,9 @@ def ddp_strategy(**kwargs) -> DDPStrategy:
     """Lightning's DDP on the NCCL-rules process group (what `conf/trainer/ddp_nccl_rules.yaml` builds)."""
     register()
     return DDPStrategy(process_group_backend=BACKEND, **kwargs)
+
+
+def fsdp2_strategy(**kwargs) -> ModelParallelStrategy:
+    """Lightning's FSDP2 (ModelParallelStrategy) on the NCCL-rules process group (`trainer=fsdp2_nccl_rules`)."""
+    register()
+    return ModelParallelStrategy(process_group_backend=BACKEND, **kwargs)

@@ -3,7 +3,7 @@ import copy
 import torch
 from torch import nn
 
-from tsparse.optim import SparseAwareAdamW, grad_norm_and_clip_
+from tsparse.optim import SparseAwareAdamW, coalesced, grad_norm_and_clip_
 
 
 def sparse_setup(rows=1000, dim=8):
@@ -142,3 +142,14 @@ def test_state_clear_resets_moments():
         p.sin().sum().backward()
         opt.step()
     torch.testing.assert_close(a, b)
+
+
+def test_bf16_table_grads_sum_repeated_rows_in_fp32():
+    """torch coalesces bf16 values in bf16, where a sum stalls at 256 (256 + 1 == 256); a bf16 table's
+    repeated rows (a frequent n-gram, a popular expert) are summed in fp32 and rounded once."""
+    table = nn.Embedding(3, 2, sparse=True, dtype=torch.bfloat16)
+    table(torch.zeros(1000, dtype=torch.long)).float().sum().backward()
+    assert table.weight.grad.coalesce().values()[0].tolist() == [256.0, 256.0]  # torch's own coalesce
+    grad = coalesced(table.weight.grad)
+    assert grad.is_coalesced() and grad.dtype == torch.bfloat16
+    assert grad.to_dense()[0].tolist() == [1000.0, 1000.0]

@@ -98,14 +98,18 @@ class SparseAwareAdamW(Optimizer):
 
 
 def coalesced(grad: Tensor) -> Tensor:
-    """A sparse grad, coalesced. Sorted distinct rows (PEER's fused grads) are only flagged as such:
-    torch's AccumulateGrad drops the coalesced flag of the grad it stores; checking the rows is cheap."""
+    """A sparse grad, coalesced, its repeated rows summed in fp32. Sorted distinct rows (PEER's fused grads)
+    are only flagged as such: torch's AccumulateGrad drops the coalesced flag of the grad it stores; checking
+    the rows is cheap. torch coalesces bf16 values in bf16, where a sum stalls (256 + 1 == 256), so
+    low-precision grads are summed in fp32 and rounded once."""
     if grad.is_coalesced():
         return grad
     rows = grad._indices()
     if grad.sparse_dim() == 1 and bool((rows[0, 1:] > rows[0, :-1]).all()):
         return grad._coalesced_(True)
-    return grad.coalesce()
+    if grad.dtype == torch.float32:
+        return grad.coalesce()
+    return grad.float().coalesce().to(grad.dtype)
 
 
 def full(t: Tensor) -> Tensor:

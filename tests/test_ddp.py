@@ -115,6 +115,30 @@ def test_row_sparse_average_over_two_ranks_equals_the_dense_mean(tmp_path):
     assert ranks[0]["averaged"][0]._indices().tolist() == [[1, 2, 5]]
 
 
+def _table_traffic_on_two_ranks(rank: int, store_file: str, out_dir: str) -> None:
+    register()
+    dist.init_process_group(BACKEND, init_method=f"file://{store_file}", rank=rank, world_size=2)
+    traffic = {}
+    for rows in (100, 1_000_000):
+        table = nn.Parameter(torch.zeros(rows, 8))
+        nn.functional.embedding(torch.tensor([[3, 3, 50], [7, 99, 0]][rank]), table, sparse=True).sum().backward()
+        dist.group.WORLD.tensor_bytes.clear()
+        average_row_sparse_grads_([table])
+        traffic[rows] = sum(dist.group.WORLD.tensor_bytes.values())
+    torch.save(traffic, Path(out_dir) / f"{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_table_traffic_through_the_nccl_rules_group_never_grows_with_the_table(tmp_path):
+    """Bytes handed to the collectives for one table's exchange, measured on the NCCL-rules group: the same for
+    100 and 1,000,000 rows; per all-gather, the input plus world-size outputs of (row count, rows x (8-byte index
+    + dim fp32 values)), padded to the larger row count (3: rank 1's three distinct rows)."""
+    mp.spawn(_table_traffic_on_two_ranks, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        traffic = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        assert traffic[100] == traffic[1_000_000] == (1 + 2) * (8 + 3 * 8 + 3 * 8 * 4)
+
+
 def _fsdp2_on_two_ranks(rank: int, store_file: str, out_dir: str) -> None:
     register()
     dist.init_process_group(BACKEND, init_method=f"file://{store_file}", rank=rank, world_size=2)

@@ -27,9 +27,16 @@ def refuse_sparse(collective: str, *tensors) -> None:
             raise SparseCollectiveError(f"{collective} got a {t.layout} tensor; NCCL has no sparse collectives")
 
 
+def nbytes(*tensors) -> int:
+    """The bytes of the tensors (in nested lists; other arguments are skipped)."""
+    return sum(nbytes(*t) if isinstance(t, (list, tuple)) else t.numel() * t.element_size() if isinstance(t, torch.Tensor)
+               else 0 for t in tensors)
+
+
 class NCCLRulesProcessGroup(dist.ProcessGroup):
     """Every collective that DDP, FSDP2 (`dist.*_single`, DTensor's functional collectives), Lightning and
-    tsparse use, forwarded to a gloo group (`FORWARDED`); sparse input raises. `calls` counts them.
+    tsparse use, forwarded to a gloo group (`FORWARDED`); sparse input raises. `calls` counts them and
+    `tensor_bytes` the bytes of the tensors handed to each (inputs and outputs).
 
     The gloo group is also registered as this group's CPU backend, because c10d keeps a group's name
     (which DeviceMesh and functional collectives look groups up by) in its backend."""
@@ -39,11 +46,13 @@ class NCCLRulesProcessGroup(dist.ProcessGroup):
         self.gloo = dist.ProcessGroupGloo(store, rank, size, timeout)
         self._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.CUSTOM, self.gloo)
         self.calls: dict[str, int] = {}
+        self.tensor_bytes: dict[str, int] = {}
 
     def run_on_gloo(self, collective: str, *args):
         """Run `collective` on gloo (`FORWARDED` names its gloo method) after refusing sparse tensors."""
         refuse_sparse(collective, *args)
         self.calls[collective] = self.calls.get(collective, 0) + 1
+        self.tensor_bytes[collective] = self.tensor_bytes.get(collective, 0) + nbytes(*args)
         return getattr(self.gloo, FORWARDED[collective])(*args)
 
     def forward_coalesced(self, collective: str, outputs, inputs, opts):

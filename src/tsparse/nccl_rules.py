@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from functools import partialmethod
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -18,19 +19,20 @@ class SparseCollectiveError(RuntimeError):
     """A sparse tensor was handed to a collective of the NCCL-rules process group."""
 
 
-def refuse_sparse(collective: str, *tensors) -> None:
-    """Raise if any tensor (in nested lists; other arguments are skipped) is not dense, as NCCL has no sparse collectives."""
-    for t in tensors:
-        if isinstance(t, (list, tuple)):
-            refuse_sparse(collective, *t)
-        elif isinstance(t, torch.Tensor) and t.layout != torch.strided:
+def tensors_in(args) -> Iterator[torch.Tensor]:
+    """The tensors among a collective's arguments (in nested lists; options and ranks are skipped)."""
+    for arg in args:
+        if isinstance(arg, (list, tuple)):
+            yield from tensors_in(arg)
+        elif isinstance(arg, torch.Tensor):
+            yield arg
+
+
+def refuse_sparse(collective: str, *args) -> None:
+    """Raise if any tensor among `args` is not dense, as NCCL has no sparse collectives."""
+    for t in tensors_in(args):
+        if t.layout != torch.strided:
             raise SparseCollectiveError(f"{collective} got a {t.layout} tensor; NCCL has no sparse collectives")
-
-
-def nbytes(*tensors) -> int:
-    """The bytes of the tensors (in nested lists; other arguments are skipped)."""
-    return sum(nbytes(*t) if isinstance(t, (list, tuple)) else t.numel() * t.element_size() if isinstance(t, torch.Tensor)
-               else 0 for t in tensors)
 
 
 class NCCLRulesProcessGroup(dist.ProcessGroup):
@@ -52,10 +54,11 @@ class NCCLRulesProcessGroup(dist.ProcessGroup):
         """Run `collective` on gloo (`FORWARDED` names its gloo method) after refusing sparse tensors."""
         refuse_sparse(collective, *args)
         self.calls[collective] = self.calls.get(collective, 0) + 1
-        self.tensor_bytes[collective] = self.tensor_bytes.get(collective, 0) + nbytes(*args)
+        self.tensor_bytes[collective] = self.tensor_bytes.get(collective, 0) + sum(
+            t.numel() * t.element_size() for t in tensors_in(args))
         return getattr(self.gloo, FORWARDED[collective])(*args)
 
-    def forward_coalesced(self, collective: str, outputs, inputs, opts):
+    def run_pairs_on_gloo(self, collective: str, outputs, inputs, opts):
         """One gloo call per (output, input) pair; returns the last one's work, the others waited on."""
         works = [self.run_on_gloo(collective, out, inp, opts) for out, inp in zip(outputs, inputs)]
         for work in works[:-1]:
@@ -78,7 +81,7 @@ COALESCED = {"allgather_into_tensor_coalesced": "_allgather_base", "reduce_scatt
 FORWARDED |= COALESCED
 for _name in FORWARDED:
     setattr(NCCLRulesProcessGroup, _name,
-            partialmethod(NCCLRulesProcessGroup.forward_coalesced if _name in COALESCED else NCCLRulesProcessGroup.run_on_gloo,
+            partialmethod(NCCLRulesProcessGroup.run_pairs_on_gloo if _name in COALESCED else NCCLRulesProcessGroup.run_on_gloo,
                           _name))
 
 

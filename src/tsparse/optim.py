@@ -107,9 +107,9 @@ def coalesced(grad: Tensor) -> Tensor:
     rows = grad._indices()
     if grad.sparse_dim() == 1 and bool((rows[0, 1:] > rows[0, :-1]).all()):
         return grad._coalesced_(True)
-    if grad.dtype == torch.float32:
-        return grad.coalesce()
-    return grad.float().coalesce().to(grad.dtype)
+    if grad.dtype in (torch.bfloat16, torch.float16):
+        return grad.float().coalesce().to(grad.dtype)
+    return grad.coalesce()
 
 
 def full(t: Tensor) -> Tensor:

@@ -30,8 +30,20 @@ ARGS = ("sparse=hybrid", "peer.num_experts=256", "peer.key_dim=16", "engram.dim_
 EVERY_STEP_CHECKPOINT = ("callbacks.model_checkpoint.every_n_train_steps=1", "callbacks.model_checkpoint.monitor=null",
                          "callbacks.model_checkpoint.save_top_k=-1")
 
-# Step 2's loss is NaN on the last rank: rank 1 of 2 (the launcher re-runs this script for rank 1, so the
-# patch holds there), or the one process, whose global batch holds rank 1's samples.
+# Scripts that patch tsparse.train's process (the launcher re-runs the script for rank 1, so a patch holds there).
+# Each call to write a checkpoint is logged with its rank.
+RECORD_SAVES = """
+import os
+import torch.distributed as dist
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+save = TorchCheckpointIO.save_checkpoint
+def recorded(self, checkpoint, path, storage_options=None):
+    with open(os.environ["TSPARSE_TEST_SAVES"], "a") as log:
+        log.write(f"{dist.get_rank() if dist.is_initialized() else -1}\\n")
+    return save(self, checkpoint, path, storage_options)
+TorchCheckpointIO.save_checkpoint = recorded
+"""
+# Step 2's loss is NaN on the last rank: rank 1 of 2, or the one process, whose global batch holds rank 1's samples.
 NAN_AT_STEP_2 = """
 from tsparse.lit_module import CausalLMModule
 loss = CausalLMModule.loss
@@ -40,9 +52,8 @@ def faulty(self, ids):
     hit = self.training and self.global_step == 2 and self.global_rank == self.trainer.world_size - 1
     return out * float("nan") if hit else out
 CausalLMModule.loss = faulty
-from tsparse.train import main
-main()
 """
+MAIN = "from tsparse.train import main\nmain()\n"
 
 
 @pytest.fixture
@@ -196,7 +207,8 @@ def test_ddp_two_processes_equal_one_process_with_the_global_batch(trainer, extr
     samples of 1 process x batch 8 and, with averaged gradients (the tables' through dense all-gathers),
     take the same step under NCCL's rules; also when phases freeze groups after DDP registered its hooks
     (staggered), when one rank's loss is NaN (both skip that step, as one process does), with bf16 tables,
-    and under FSDP2 (`trainer=fsdp2_nccl_rules`), which shards the rest and keeps the tables whole.
+    and under FSDP2 (`trainer=fsdp2_nccl_rules`), which shards the rest and keeps the tables whole. Rank 0
+    alone writes the checkpoints.
 
     Each step is compared from the same state: the first from the same init, the last from the 2-rank
     run's step-3 checkpoint (step 2 with the NaN, whose skip one process then takes too). From scratch, the runs drift apart after step 1 exactly as one process does
@@ -205,19 +217,19 @@ def test_ddp_two_processes_equal_one_process_with_the_global_batch(trainer, extr
     after 4 steps over seeds 0-2: val loss up to 2.6e-4 apart under DDP and 3.1e-4 with micro-batches
     (fp32 tables), 1.8e-3 and 2.4e-3 (bf16 tables); from the same state: at most 7e-6."""
     extra = (*extra, *EVERY_STEP_CHECKPOINT)
-    script = tmp_path / "nan_at_step_2.py"
-    script.write_text(NAN_AT_STEP_2)
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    script = tmp_path / "train.py"
+    script.write_text(RECORD_SAVES + (NAN_AT_STEP_2 if nan else "") + MAIN)
 
     def train(name, *args):
-        if not nan:
-            return cli("tsparse.train", *cli_args(tmp_path / name, wikitext_small, *extra, *args))
+        env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TSPARSE_TEST_SAVES": str(tmp_path / name / "saves")}
         return subprocess.run([sys.executable, str(script), *cli_args(tmp_path / name, wikitext_small, *extra, *args)],
                               cwd=repo, env=env, capture_output=True, text=True, timeout=600)
 
     ddp = train("ddp", f"trainer={trainer}", "data.batch_size=4")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert f"distributed_backend={BACKEND}" in ddp.stdout + ddp.stderr
+    saves = (tmp_path / "ddp" / "saves").read_text().split()
+    assert len(saves) >= 4 and set(saves) == {"0"}  # rank 0 alone wrote the checkpoints
     first = train("first", "data.batch_size=8", "trainer.max_steps=1")  # constant LRs: max_steps changes none
     assert first.returncode == 0, first.stderr[-3000:]
     # The last step from the same state (with NaN: the skipped step too, then the last step)

@@ -183,11 +183,12 @@ def test_expert_sweep_table_and_plot(tmp_path):
     assert image.shape[1] > 1200 and image[..., :3].std() > 0.01  # a ppl panel, params, tokens/s
 
 
-def test_multirun_report_covers_only_the_sweeps_own_cells(sweep, tmp_path):
-    """Studies share a sweep dir: the callback reports the cells its multirun ran, in reports/<study>/."""
+def test_multirun_report_covers_only_the_sweeps_own_cells(sweep, tmp_path, capsys):
+    """Studies share a sweep dir: the callback reports the cells its multirun ran, in reports/<study>/, and
+    judges the study's pairs whose experiments both ran (a multirun over part of a study names the others)."""
     from types import SimpleNamespace
     from omegaconf import OmegaConf
-    callback = report.ReportOnMultirunEnd(versus=["engram:engram"])
+    callback = report.ReportOnMultirunEnd(versus=["engram:engram", "engram:finetune_control"])
     for seed in SEEDS:
         run_dir = sweep / "engram" / f"job,seed={seed}"
         callback.on_job_end(OmegaConf.create(), SimpleNamespace(hydra_cfg=OmegaConf.create(
@@ -198,3 +199,4 @@ def test_multirun_report_covers_only_the_sweeps_own_cells(sweep, tmp_path):
         rows = list(csv.DictReader(f))
     assert [(r["group"], r["n_seeds"]) for r in rows] == [("engram", "2")]  # not the references beside it
     assert "- engram vs engram: " in (tmp_path / "reports" / "experts" / "report.md").read_text()
+    assert "warning: skipped --versus engram:finetune_control: " in capsys.readouterr().err

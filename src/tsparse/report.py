@@ -454,7 +454,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 class ReportOnMultirunEnd(Callback):
     """Hydra callback (`hydra.callbacks`): when a multirun ends, report its own cells (other studies' cells
     may share the sweep dir) into `<sweep dir>/reports/<study>` (`+study=NAME`; `sweep` without one),
-    with the study's `versus` pairs judged."""
+    with the study's `versus` pairs judged. A multirun over part of a study judges the pairs it ran and
+    names the others on stderr, rather than failing after its training."""
 
     def __init__(self, versus: list[str] | None = None) -> None:
         self.versus = list(versus or [])
@@ -467,7 +468,12 @@ class ReportOnMultirunEnd(Callback):
         if not self.run_dirs:
             return
         study = config.hydra.runtime.choices.get("study") or "sweep"
-        versus = ["--versus", *self.versus] if self.versus else []
+        ran = {run.experiment for run in find_runs([Path(d) for d in self.run_dirs])}
+        pairs = [pair for pair in self.versus if set(pair.split(":")) <= ran]
+        if skipped := [pair for pair in self.versus if pair not in pairs]:
+            print(f"warning: skipped --versus {', '.join(skipped)}: not every experiment of them ran in "
+                  f"this multirun", file=sys.stderr)
+        versus = ["--versus", *pairs] if pairs else []
         main([*self.run_dirs, "--out", str(Path(config.hydra.sweep.dir) / "reports" / study), *versus])
 
 

@@ -72,13 +72,13 @@ class NCCLRulesProcessGroup(dist.ProcessGroup):
         return BACKEND
 
 
-# This group's collective -> the gloo method that runs it.
-FORWARDED = {name: name for name in ("allreduce", "allreduce_coalesced", "broadcast", "allgather", "allgather_coalesced",
-                                     "_allgather_base", "reduce_scatter", "_reduce_scatter_base", "reduce",
-                                     "gather", "scatter", "alltoall", "alltoall_base")}
-FORWARDED |= {"all_gather_single": "_allgather_base", "reduce_scatter_single": "_reduce_scatter_base"}
+# Collectives taking (outputs, inputs, opts) lists -> the gloo method run on each pair.
 COALESCED = {"allgather_into_tensor_coalesced": "_allgather_base", "reduce_scatter_tensor_coalesced": "_reduce_scatter_base"}
-FORWARDED |= COALESCED
+# This group's collective -> the gloo method that runs it.
+FORWARDED = {**{name: name for name in ("allreduce", "allreduce_coalesced", "broadcast", "allgather", "allgather_coalesced",
+                                        "_allgather_base", "reduce_scatter", "_reduce_scatter_base", "reduce", "gather",
+                                        "scatter", "alltoall", "alltoall_base")},
+             "all_gather_single": "_allgather_base", "reduce_scatter_single": "_reduce_scatter_base", **COALESCED}
 for _name in FORWARDED:
     setattr(NCCLRulesProcessGroup, _name,
             partialmethod(NCCLRulesProcessGroup.run_pairs_on_gloo if _name in COALESCED else NCCLRulesProcessGroup.run_on_gloo,

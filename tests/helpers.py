@@ -2,6 +2,8 @@
 tokenizer, and the one-error-line check of the CLIs; weights are perturbed with tsparse.modules.perturb_."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -47,3 +49,16 @@ def one_error_line(capsys, call) -> str:
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     return err
+
+
+def write_run(run_dir, experiment="peer", seed=0, acc=None, results=None):
+    """A fake run dir as tsparse.report reads it: config.yaml, results.json (`results`, else a tsparse one whose
+    test ppl is 100 + seed) and, with `acc`, lm_eval.json."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(f"experiment_name: {experiment}\nrun_name: {experiment},seed={seed}\n"
+                                         f"seed: {seed}\noptim: {{base: frozen}}\n")
+    results = results or {"test/ppl": 100.0 + seed, "params": {"base": 10}, "versions": {"tsparse": "0.1.0"}}
+    (run_dir / "results.json").write_text(json.dumps(results))
+    if acc is not None:
+        (run_dir / "lm_eval.json").write_text(json.dumps({"results": {"hellaswag": {
+            "acc,none": acc, "acc_stderr,none": 0.01, "acc_norm,none": acc + 0.1, "acc_norm_stderr,none": 0.01}}}))

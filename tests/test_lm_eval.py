@@ -11,6 +11,8 @@ import torch
 
 from tsparse import generate, lm_eval, report
 
+from helpers import write_run
+
 pytest.importorskip("lm_eval", reason='needs lm-evaluation-harness: pip install -e ".[eval]"')
 
 DOCS = [
@@ -150,17 +152,6 @@ def test_lm_eval_bad_input_is_one_line(model_dir, capsys, args, message):
         lm_eval.main([a.format(model=model_dir) for a in args])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err
-
-
-def write_run(run_dir, experiment, seed, acc=None):
-    """A run dir as report reads it: config.yaml, results.json and (with `acc`) lm_eval.json."""
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(f"experiment_name: {experiment}\nrun_name: {experiment},seed={seed}\n"
-                                         f"seed: {seed}\noptim: {{base: frozen}}\n")
-    (run_dir / "results.json").write_text(json.dumps({"test/ppl": 100.0 + seed, "params": {"base": 10}}))
-    if acc is not None:
-        (run_dir / "lm_eval.json").write_text(json.dumps({"results": {"hellaswag": {
-            "acc,none": acc, "acc_stderr,none": 0.01, "acc_norm,none": acc + 0.1, "acc_norm_stderr,none": 0.01}}}))
 
 
 def test_report_shows_lm_eval_columns(tmp_path):

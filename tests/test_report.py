@@ -1,5 +1,8 @@
-"""tsparse.report on a real multirun tree: seed grouping, mean/std, deltas vs references, CSV de-duplication, plots."""
+"""tsparse.report on a real multirun tree: seed grouping, mean/std, deltas vs references, CSV de-duplication, plots;
+on fake runs: which folders are runs, and that it replaces only the files it wrote."""
 import csv
+import hashlib
+import io
 import json
 import shutil
 import statistics
@@ -7,6 +10,7 @@ import statistics
 import pytest
 from matplotlib.image import imread
 
+from helpers import one_error_line, write_run
 from tsparse import report
 
 EXPERIMENTS = ("baseline", "finetune_control", "engram")
@@ -178,8 +182,7 @@ def test_expert_sweep_table_and_plot(tmp_path):
     assert lines[2].endswith("| 4,096 | 4,096,000 | 96.00 ± 0.10 | 244 |  |")
     assert lines[3].endswith("| lower |") and lines[4].endswith("| n.d. |")  # 95.0 vs 96.0; 94.9 vs 95.0
     assert lines[-1] == "- peer (joint): 65,536 experts vs 4,096: test ppl 94.90 ± 0.10 vs 96.00 ± 0.10: **lower**"
-    report.plot_experts(sweeps, tmp_path / "experts.png")
-    image = imread(tmp_path / "experts.png")
+    image = imread(io.BytesIO(report.png(report.plot_experts(sweeps))))
     assert image.shape[1] > 1200 and image[..., :3].std() > 0.01  # a ppl panel, params, tokens/s
 
 
@@ -195,8 +198,56 @@ def test_multirun_report_covers_only_the_sweeps_own_cells(sweep, tmp_path, capsy
             {"hydra": {"runtime": {"output_dir": str(run_dir)}}})))
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}, "runtime": {"choices": {"study": "experts"}}}})
     callback.on_multirun_end(config)
+    callback.on_multirun_end(config)  # a re-run replaces the report it wrote
     with open(tmp_path / "reports" / "experts" / "report.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["group"], r["n_seeds"]) for r in rows] == [("engram", "2")]  # not the references beside it
     assert "- engram vs engram: " in (tmp_path / "reports" / "experts" / "report.md").read_text()
     assert "warning: skipped --versus engram:finetune_control: " in capsys.readouterr().err
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """A folder holding one fake tsparse run, `peer/`: the report's default --out."""
+    write_run(tmp_path / "runs" / "peer")
+    return tmp_path / "runs"
+
+
+def test_report_ignores_results_json_that_tsparse_did_not_write(runs, capsys):
+    write_run(runs / "other", "other", results={"accuracy": 1})
+    assert [r["group"] for r in report.main([str(runs)])] == ["peer"]
+    assert capsys.readouterr().err == ""  # silently
+
+
+def test_report_refuses_to_replace_a_users_file(runs, capsys):
+    (runs / "report.md").write_text("my notes")
+    err = one_error_line(capsys, lambda: report.main([str(runs)]))
+    assert "report.md" in err and "--overwrite" in err
+    assert (runs / "report.md").read_text() == "my notes"
+    assert sorted(p.name for p in runs.iterdir()) == ["peer", "report.md"]  # nothing new written
+
+
+def test_report_overwrite_moves_a_users_file_aside(runs):
+    (runs / "report.md").write_text("my notes")
+    report.main([str(runs), "--overwrite"])
+    [aside] = runs.glob(".replaced/report.*/report.md")
+    assert aside.read_text() == "my notes"
+    assert (runs / "report.md").read_text().startswith("# Results: 1 runs")
+
+
+def test_report_replaces_the_files_it_wrote(runs):
+    for _ in range(2):
+        report.main([str(runs)])
+    recorded = json.loads((runs / report.MANIFEST).read_text())
+    assert sorted(recorded) == ["loss_curves.png", "lr_schedule.png", "report.csv", "report.md"]
+    assert all(hashlib.sha256((runs / name).read_bytes()).hexdigest() == h for name, h in recorded.items())
+    assert not (runs / ".replaced").exists()
+
+
+def test_report_refuses_to_replace_its_file_once_edited(runs, capsys):
+    report.main([str(runs)])
+    with open(runs / "report.md", "a") as f:
+        f.write("my notes\n")
+    err = one_error_line(capsys, lambda: report.main([str(runs)]))
+    assert "report.md" in err and "report.csv" not in err and "--overwrite" in err
+    assert (runs / "report.md").read_text().endswith("my notes\n")

@@ -20,7 +20,7 @@ from tsparse.export import EXPORT_MARKER, check_export_target, main as export_ma
 from tsparse.rundir import LOCK_FILE, lock_run_dir
 from tsparse.train import check as train_check
 
-from helpers import one_error_line
+from helpers import one_error_line, write_run
 
 CANARY_CODE = "import pathlib; pathlib.Path({path!r}).write_text('ran')\n"
 
@@ -297,7 +297,6 @@ def test_lm_eval_refuses_a_folder_as_output_before_it_evaluates(tiny_export, tmp
 
 
 def test_report_skips_and_names_unreadable_json(tmp_path, capsys):
-    from test_lm_eval import write_run
 
     write_run(tmp_path / "good", "peer", 0)
     write_run(tmp_path / "bad", "peer", 1)
@@ -311,7 +310,6 @@ def test_report_skips_and_names_unreadable_json(tmp_path, capsys):
 
 
 def test_report_refuses_a_file_as_out(tmp_path, capsys):
-    from test_lm_eval import write_run
 
     write_run(tmp_path / "good", "peer", 0)
     (tmp_path / "afile").write_text("x")

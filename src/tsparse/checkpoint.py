@@ -1,4 +1,5 @@
-"""Checkpoint files: validity checks, picking the newest valid one to resume, loading with clear errors."""
+"""Checkpoint files: atomic writes, validity checks, picking the newest valid one (what `last` means to every
+command), loading with clear errors."""
 from __future__ import annotations
 
 import logging
@@ -8,17 +9,21 @@ import zipfile
 from pathlib import Path
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from tsparse.checks import ConfigError
+from tsparse.rundir import atomic_file
 
 log = logging.getLogger("tsparse")
 
 
 def check_checkpoint(path: str | Path) -> None:
-    """Raise a one-line ConfigError unless `path` is a complete torch checkpoint. Lightning writes
-    checkpoints atomically; this catches files damaged or truncated later (the zip central directory
-    sits at the end of the file, so a truncated file fails here without reading the tensors)."""
+    """Raise a one-line ConfigError unless `path` is a complete torch checkpoint. tsparse writes checkpoints
+    atomically (`AtomicCheckpointIO`); this catches files damaged or truncated otherwise (the zip central
+    directory sits at the end of the file, so a truncated file fails here without reading the tensors)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"checkpoint {path} is a directory; pass a .ckpt file")
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist")
     try:
@@ -29,8 +34,38 @@ def check_checkpoint(path: str | Path) -> None:
         raise ConfigError(f"checkpoint {path} is corrupt or truncated ({err})") from None
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic on any filesystem: `torch.save` into a temp file in the
+    checkpoint's own folder, fsync, `os.replace` (`rundir.atomic_file`). Lightning's own writer stages in
+    a temp dir and copies over the target when the two lie on different filesystems, so a full disk or a
+    kill left a truncated last.ckpt. On a full disk the previous file stays intact and DiskFullError names
+    the path and the bytes needed."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, needed=lambda: tensor_bytes(checkpoint)) as f:
+            torch.save(checkpoint, f)
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a nested checkpoint dict (about the size `torch.save` writes)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def newest_valid_checkpoint(ckpt_dir: Path) -> Path | None:
-    """last.ckpt if it is valid, else the most recent valid checkpoint in `ckpt_dir` (None if none)."""
+    """What `last` means to every command (train resume, export, eval, generate, lm_eval): last.ckpt if it
+    is valid, else the most recent valid checkpoint in `ckpt_dir` (None if none)."""
+    if not ckpt_dir.is_dir():
+        return None
     candidates = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: (p.name == "last.ckpt", p.stat().st_mtime), reverse=True)
     for path in candidates:
         try:

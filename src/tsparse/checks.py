@@ -37,6 +37,12 @@ def check_positive(key: str, value: Any, *, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}={value!r} must be a {'non-negative' if allow_zero else 'positive'} number")
 
 
+def check_count(key: str, value: Any, unit: str) -> None:
+    """A positive integer count of `unit` (tokens, sequences, steps)."""
+    if not _is_int(value) or value < 1:
+        raise ConfigError(f"{key}={value!r} must be a positive number of {unit} (an integer >= 1)")
+
+
 def check_layers(key: str, layers: Iterable[Any]) -> None:
     """Distinct non-negative layer indices (the model config checks the upper bound)."""
     layers = list(layers)

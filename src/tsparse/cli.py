@@ -29,9 +29,17 @@ BAD_INPUT = (ConfigError, HubUnreachableError, OmegaConfBaseException, HydraExce
 _DETAIL = ("full_key:", "object_type=", "reference_type=")
 
 
-def fail(message: str) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+# Exit codes a scheduler or sweep can act on (README, "Faults"): 0 done; resume with ckpt_path=auto on 75 and 76.
+EXIT_BAD_INPUT = 2      # one `error:` line, nothing written
+EXIT_NON_FINITE = 3     # optim.on_non_finite=stop: a NaN/inf loss or gradient
+EXIT_DISK_FULL = 74     # EX_IOERR: a write did not fit; the previous checkpoint is intact
+EXIT_PREEMPTED = 75     # EX_TEMPFAIL: SIGTERM/SIGUSR1, checkpointed at the current step
+EXIT_LOST_RANK = 76     # another rank of a multi-process run died; resume from its last checkpoint
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT, prefix: str = "error") -> NoReturn:
+    print(f"{prefix}: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
 
 
 def one_line(err: BaseException) -> str:

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from tsparse.checkpoint import load_checkpoint, load_state_dict_strict
+from tsparse.checkpoint import load_checkpoint, load_state_dict_strict, newest_valid_checkpoint
 from tsparse.checks import ConfigError, read_json
 from tsparse.hub import require_hub
 from tsparse.modeling_tsparse import MODULE_KEY_PATTERNS, TsparseForCausalLM
@@ -162,10 +162,13 @@ def load_model_dir(model_dir: Path, allow_missing_modules: bool = False):
 
 
 def run_checkpoint(run_dir: Path, which: str = "last") -> Path:
-    """The run's `last.ckpt`, its best (the `step*.ckpt` kept by ModelCheckpoint), or a given file."""
+    """The run's newest valid checkpoint (`last`, as training resumes it: last.ckpt unless damaged), its
+    best (the `step*.ckpt` kept by ModelCheckpoint), or a given file."""
     ckpt_dir = run_dir / "checkpoints"
     if which == "last":
-        path = ckpt_dir / "last.ckpt"
+        path = newest_valid_checkpoint(ckpt_dir)
+        if path is None:
+            raise ConfigError(f"--checkpoint last: {ckpt_dir} holds no valid checkpoint")
     elif which == "best":
         best = sorted(ckpt_dir.glob("step*.ckpt"))
         if not best:

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import netrc
 import os
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from tsparse.rundir import write_atomic
 
 
 def use_wandb_offline_without_key() -> None:
@@ -21,8 +24,7 @@ def use_wandb_offline_without_key() -> None:
 
 
 class _AppendingWriter(ExperimentWriter):
-    """Keeps an existing metrics.csv and its columns; a resumed run appends to it. Steps logged again
-    after a resume appear twice: readers keep the last row per step (see `tsparse.report`)."""
+    """Keeps an existing metrics.csv and its columns; a resumed run appends to it."""
 
     def __init__(self, log_dir: str):
         super().__init__(log_dir)
@@ -35,7 +37,25 @@ class _AppendingWriter(ExperimentWriter):
 
 
 class ResumableCSVLogger(CSVLogger):
-    """Lightning's CSVLogger deletes an existing metrics.csv; this one appends to it."""
+    """Lightning's CSVLogger deletes an existing metrics.csv; this one appends to it, after `drop_steps_from`
+    removed the rows a resume runs again, so that each step is logged once (W&B, resumed with the same
+    run id, ignores steps below its last one: it keeps the first run's rows of those steps)."""
+
+    def drop_steps_from(self, step: int) -> None:
+        """Remove the rows of steps >= `step` (the resumed checkpoint's global step) from metrics.csv."""
+        path = os.path.join(self.log_dir, ExperimentWriter.NAME_METRICS_FILE)
+        if not os.path.isfile(path):
+            return
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or "step" not in rows[0]:
+            return
+        column = rows[0].index("step")
+        kept = [rows[0], *(r for r in rows[1:] if not r[column] or int(float(r[column])) < step)]
+        if len(kept) < len(rows):
+            out = io.StringIO()
+            csv.writer(out).writerows(kept)
+            write_atomic(path, out.getvalue())
 
     @property
     def experiment(self) -> ExperimentWriter:

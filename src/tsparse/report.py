@@ -1,8 +1,9 @@
 """Seed-grouped results table and training plots for a set of run directories.
 
-    python -m tsparse.report PATH... [--out DIR] [--versus A:B ...]
+    python -m tsparse.report PATH... [--out DIR] [--versus A:B ...] [--overwrite]
 
-Every directory under a PATH that holds results.json and config.yaml is a run. Runs whose
+Every directory under a PATH that holds config.yaml and a results.json written by tsparse.train (its
+`versions` name tsparse) is a run; a folder holding someone else's results.json is ignored. Runs whose
 `run_name` differs only by a `seed=N` part form a group (a run without `run_name` falls into the
 group of its experiment). Each metric is the mean ± sample standard deviation over the group's
 seeds; a single seed is marked "(n=1)", with no std. Δ test ppl compares group means with the
@@ -19,12 +20,19 @@ that have it. Groups of one family (attached kinds + strategy) at two or more PE
 an expert-count table and experts.png (test ppl, params and tokens/s against the count). Writes
 report.md, report.csv, loss_curves.png (train/loss per group, mean over seeds) and lr_schedule.png
 (LR per param group, one subplot per group, from its lowest seed) into --out (default: the first
-PATH), and prints the table.
+PATH), each atomically, and prints the table. The sha256 of each file it writes goes into --out's
+.tsparse-report.json: its own earlier files it replaces, but a file of those names it did not record
+there (the user's own, or one edited since) makes it refuse, unless --overwrite, which first moves such
+files to --out/.replaced/report.<time>.<random>/.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
+import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -44,11 +52,13 @@ from tsparse.registry import KINDS, RMS_COMPARISONS
 from tsparse.checks import ConfigError, read_json
 from tsparse.cli import ArgumentParser, one_line, one_line_errors
 from tsparse.loading import LM_EVAL_RESULTS
+from tsparse.rundir import set_aside, write_atomic
 
 REFERENCES = ("baseline", "finetune_control")
 METRICS = {"val_ppl": "val/ppl", "test_ppl": "test/ppl", "test_word_ppl": "test/word_ppl"}
 LM_EVAL = "lm_eval/"  # prefix of the lm-eval columns: lm_eval/<task>/<metric>
 SEED_PART = re.compile(r"seed=\d+")
+MANIFEST = ".tsparse-report.json"  # in --out: name -> sha256 of each file the report wrote there
 
 
 def group_name(run_name: str | None, experiment: str) -> str:
@@ -80,9 +90,14 @@ class Run:
 
     @classmethod
     def load(cls, path: Path) -> Run | None:
-        """The run in `path`, or None (with a warning naming the file) if its config or results are unreadable."""
+        """The run in `path`; None if its results.json is not tsparse's, or (with a warning naming the file) if
+        its config or results are unreadable."""
         try:
-            return cls(path, OmegaConf.load(path / "config.yaml"), read_json(path / "results.json"))
+            results = read_json(path / "results.json")
+            versions = results.get("versions")
+            if not isinstance(versions, dict) or "tsparse" not in versions:
+                return None
+            return cls(path, OmegaConf.load(path / "config.yaml"), results)
         except (ConfigError, OmegaConfBaseException, yaml.YAMLError, OSError) as err:
             warn_skipped(path, err)
             return None
@@ -147,7 +162,7 @@ def warn_skipped(path: Path, err: Exception) -> None:
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
-    """Every run directory at or below `paths`, in path order; hidden folders (e.g. the `.replaced/` runs
+    """Every tsparse run directory at or below `paths`, in path order; hidden folders (e.g. the `.replaced/` runs
     that a fresh start moved aside) are skipped."""
     found = {results.parent for root in paths for results in root.rglob("results.json")
              if (results.parent / "config.yaml").is_file()
@@ -333,7 +348,7 @@ def check_pairs(pairs: list[str], experiments: set[str]) -> None:
             raise ConfigError(f"--versus {pair}: want A:B, two of the experiments here: {', '.join(sorted(experiments))}")
 
 
-def plot_experts(sweeps: dict[str, list[dict]], path: Path) -> None:
+def plot_experts(sweeps: dict[str, list[dict]]) -> Figure:
     """Test ppl (mean ± std over seeds; one panel per family, their scales differ), total params and
     training tokens/s against the expert count (log x)."""
     fig = Figure(figsize=(4.3 * (len(sweeps) + 2), 4), dpi=100, layout="constrained")
@@ -353,14 +368,46 @@ def plot_experts(sweeps: dict[str, list[dict]], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set(xlabel="PEER experts per layer")
         ax.grid(alpha=0.3)
-    fig.savefig(path)
+    return fig
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+def png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def sha256(data: str | bytes) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def write_report(out: Path, files: dict[str, str | bytes], overwrite: bool) -> None:
+    """Write `files` (name -> content) into `out`, each atomically, and record their sha256 in its MANIFEST.
+    A file of those names there that the manifest does not vouch for (the user's own, or one edited since)
+    is refused, or with `overwrite` moved to `out/.replaced/` first."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        recorded = read_json(out / MANIFEST)
+    except ConfigError:
+        recorded = {}
+    foreign = [out / name for name in files if os.path.lexists(out / name) and not (
+        (out / name).is_file() and recorded.get(name) == sha256((out / name).read_bytes()))]
+    if foreign and not overwrite:
+        raise ConfigError(f"{out} holds {', '.join(p.name for p in foreign)}, not written by tsparse.report (or "
+                          "edited since); pass --overwrite to move them to .replaced/ there and write the report")
+    if foreign:
+        set_aside(foreign, out, "report")
+    for name, data in files.items():
+        write_atomic(out / name, data)
+    write_atomic(out / MANIFEST, json.dumps({**recorded, **{n: sha256(d) for n, d in files.items()}}, indent=2))
 
 
 def mean_curve(runs: list[Run], column: str) -> tuple[list[int], list[float]]:
@@ -374,7 +421,7 @@ def mean_curve(runs: list[Run], column: str) -> tuple[list[int], list[float]]:
     return steps, [statistics.fmean(per_step[s]) for s in steps]
 
 
-def plot_loss_curves(groups: dict[tuple[str, str], list[Run]], path: Path) -> None:
+def plot_loss_curves(groups: dict[tuple[str, str], list[Run]]) -> Figure:
     fig = Figure(figsize=(9, 5.5), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     for (_, name), runs in groups.items():
@@ -387,10 +434,10 @@ def plot_loss_curves(groups: dict[tuple[str, str], list[Run]], path: Path) -> No
         ax.text(0.5, 0.5, "no train/loss logged", ha="center", va="center", transform=ax.transAxes)
     ax.set(xlabel="step", ylabel="train/loss (mean over seeds)", title="Training loss")
     ax.grid(alpha=0.3)
-    fig.savefig(path)
+    return fig
 
 
-def plot_lr_schedules(groups: dict[tuple[str, str], list[Run]], path: Path) -> None:
+def plot_lr_schedules(groups: dict[tuple[str, str], list[Run]]) -> Figure:
     first_runs = {name: runs[0] for (_, name), runs in groups.items()}
     schedules = {name: sorted({c for values in run.metrics.values() for c in values if c.startswith("lr-")})
                  for name, run in first_runs.items()}
@@ -410,7 +457,7 @@ def plot_lr_schedules(groups: dict[tuple[str, str], list[Run]], path: Path) -> N
         ax.set_axis_off()
     if not schedules:
         axes[0].text(0.5, 0.5, "no LR logged", ha="center", va="center")
-    fig.savefig(path)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -419,16 +466,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, help="output folder (default: the first PATH)")
     parser.add_argument("--versus", nargs="+", default=[], metavar="A:B",
                         help="experiment pairs to judge with the 2-std rule (A against B)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="move same-named files the report did not write to OUT/.replaced/ instead of refusing")
     args = parser.parse_args(argv)
     with one_line_errors(OSError):
         if args.out is not None and args.out.exists() and not args.out.is_dir():
             raise ConfigError(f"--out {args.out} is a file; name a folder")
         runs = find_runs(args.paths)
         if not runs:
-            raise ConfigError(f"no run directories (results.json + config.yaml) under {', '.join(map(str, args.paths))}")
+            raise ConfigError(f"no tsparse runs (config.yaml + tsparse's results.json) under {', '.join(map(str, args.paths))}")
         check_pairs(args.versus, {r.experiment for r in runs})
-    out = args.out or args.paths[0]
-    out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)
     rows = summarize(groups)
     table = markdown_table(rows)
@@ -436,17 +483,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sweeps = expert_sweeps(rows)
     experts = (f"\n## Expert count\n\n{experts_table(sweeps)}\n\n![expert count](experts.png)\n" if sweeps else "")
     versus = (f"\n## Comparisons (2 std)\n\n{versus_list(rows, args.versus)}\n" if args.versus else "")
-    (out / "report.md").write_text(
+    markdown = (
         f"# Results: {len(runs)} runs in {len(groups)} groups\n\n"
         "Mean ± sample std over seeds; Δ in % of the reference experiment's mean test ppl.\n\n"
         f"{table}\n"
         + (f"\n## Module diagnostics at the last logged step\n\nMean over layers, then mean ± std over seeds.\n\n"
            f"{diagnostics}\n" if diagnostics else "") + versus + experts)
-    write_csv(rows, out / "report.csv")
-    if sweeps:
-        plot_experts(sweeps, out / "experts.png")
-    plot_loss_curves(groups, out / "loss_curves.png")
-    plot_lr_schedules(groups, out / "lr_schedule.png")
+    files = {"report.md": markdown, "report.csv": csv_text(rows), "loss_curves.png": png(plot_loss_curves(groups)),
+             "lr_schedule.png": png(plot_lr_schedules(groups)), **({"experts.png": png(plot_experts(sweeps))} if sweeps else {})}
+    with one_line_errors(OSError):
+        write_report(args.out or args.paths[0], files, args.overwrite)
     print(table)
     return rows
 

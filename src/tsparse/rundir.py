@@ -2,15 +2,20 @@
 things aside (to `<parent>/.replaced/`) instead of deleting them."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
 
 from tsparse.checks import ConfigError
 
 LOCK_FILE = ".tsparse.lock"
+TEMP_SUFFIX = ".tsparse-tmp"   # atomic_file's temp files
 _held: dict[Path, int] = {}  # run dir -> fd of the lock this process holds
 
 
@@ -35,10 +40,67 @@ def lock_run_dir(run_dir: str | Path) -> None:
     _held[run_dir] = fd
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+class DiskFullError(OSError):
+    """A write that did not fit on its filesystem; the message is one line naming the path and the bytes needed."""
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_file(path: str | Path, needed: Callable[[], int] | None = None) -> Iterator[BinaryIO]:
+    """A binary file that becomes `path` all or nothing, on any filesystem: a temp file in `path`'s own
+    folder, fsync, then `os.replace` (a rename within one filesystem). On any failure the temp file is
+    removed and `path` is left as it was; a full disk raises DiskFullError naming the path and the bytes
+    needed (`needed()`, else what was written when the disk filled)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException as err:
+        written = Path(tmp).stat().st_size if Path(tmp).exists() else 0
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            size = needed() if needed else written
+            free = shutil.disk_usage(path.parent).free
+            raise DiskFullError(errno.ENOSPC, f"no space left on device for {path}: it needs about {size:,} bytes, "
+                                f"{free:,} are free") from None
+        raise
+    fsync_dir(path.parent)
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write `data` to `path` through `atomic_file`."""
+    payload = data.encode() if isinstance(data, str) else data
+    with atomic_file(path, needed=lambda: len(payload)) as f:
+        f.write(payload)
+
+
+def remove_stale_temp_files(folder: Path) -> None:
+    """Remove the temp files `atomic_file` left in `folder` when its process was killed mid-write (only
+    names it makes: `.<name>.<random>.tsparse-tmp`)."""
+    for path in folder.glob(f".*{TEMP_SUFFIX}"):
+        path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def set_aside(paths: list[Path], parent: Path, name: str) -> Path:

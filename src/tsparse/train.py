@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -17,20 +17,25 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from tsparse.cli import hydra_main, one_line_errors
-from tsparse.callbacks import PhaseLRCallback, TokenThroughput, check_phase_lrs, check_schedule_fits, parse_phases
-from tsparse.checkpoint import load_checkpoint, newest_valid_checkpoint
+from tsparse.cli import EXIT_DISK_FULL, EXIT_LOST_RANK, EXIT_NON_FINITE, EXIT_PREEMPTED, fail, hydra_main, one_line_errors
+from tsparse.callbacks import (Preemption, PhaseLRCallback, TokenThroughput, check_phase_lrs, check_schedule_fits,
+                               parse_phases)
+from tsparse.checkpoint import AtomicCheckpointIO, load_checkpoint, newest_valid_checkpoint
 from tsparse.checks import ConfigError, check_bool
 from tsparse.config import config_dir, module_specs, to_container, validate
 from tsparse.export import check_export_target, save_model, save_run_model_card
 from tsparse.lit_module import CausalLMModule, NonFiniteError
 from tsparse.data import build_datamodule
 from tsparse.models import base_path, build_model
-from tsparse.loggers import use_wandb_offline_without_key
+from tsparse.loggers import ResumableCSVLogger, use_wandb_offline_without_key
 from tsparse.registry import attached_groups, params_by_group
-from tsparse.rundir import LOCK_FILE, lock_run_dir, set_aside, write_atomic
+from tsparse.rundir import LOCK_FILE, DiskFullError, lock_run_dir, remove_stale_temp_files, set_aside, write_atomic
 
 log = logging.getLogger("tsparse")
+
+
+class Preempted(Exception):
+    """The run stopped on SIGTERM/SIGUSR1; the message says where it saved and how to resume."""
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -50,11 +55,12 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
-def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
-    """`ckpt_path=last` -> the newest valid checkpoint of this run dir (last.ckpt unless damaged);
-    `auto` -> the same if there is one, else a fresh start (None); refuse to silently start over on top
-    of existing checkpoints. The checkpoint to resume is safe-loaded first (`load_checkpoint`), so an
-    unsafe one is refused in one line before Lightning reads it."""
+def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path) -> tuple[str | None, int]:
+    """The checkpoint to resume and its global step: `ckpt_path=last` -> the newest valid checkpoint of
+    this run dir (`checkpoint.newest_valid_checkpoint`); `auto` -> the same if there is one, else a fresh
+    start (None, 0); refuse to silently start over on top of existing checkpoints. The checkpoint to
+    resume is safe-loaded first (`load_checkpoint`), so an unsafe one is refused in one line before
+    Lightning reads it."""
     existing = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
     if cfg.ckpt_path in ("last", "auto"):
         newest = newest_valid_checkpoint(ckpt_dir) if existing else None
@@ -67,9 +73,9 @@ def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
         newest = None
     else:
         newest = Path(cfg.ckpt_path)
-    if newest is not None:
-        load_checkpoint(newest, mmap=True)
-    return None if newest is None else str(newest)
+    if newest is None:
+        return None, 0
+    return str(newest), int(load_checkpoint(newest, mmap=True).get("global_step", 0))
 
 
 def set_aside_previous_run(run_dir: Path, ckpt_dir: Path) -> Path | None:
@@ -176,10 +182,21 @@ def run(cfg: DictConfig) -> dict:
         log.info("%s already finished (ckpt_path=auto): keeping its results.json", run_dir)
         print_summary(cfg, results)
         return results
+    preemption = Preemption(cfg.paths.ckpt_dir)
+    preemption.install()
+    try:
+        return train_and_test(cfg, phases, run_dir, preemption)
+    finally:
+        preemption.restore()
+
+
+def train_and_test(cfg: DictConfig, phases: list, run_dir: Path, preemption: Preemption) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
         lock_run_dir(run_dir)
-    ckpt_path = resolve_ckpt_path(cfg, Path(cfg.paths.ckpt_dir)) if cfg.train else None
+        if Path(cfg.paths.ckpt_dir).is_dir():
+            remove_stale_temp_files(Path(cfg.paths.ckpt_dir))  # a write cut short by a kill
+    ckpt_path, resume_step = resolve_ckpt_path(cfg, Path(cfg.paths.ckpt_dir)) if cfg.train else (None, 0)
     if ckpt_path is None and rank_zero_only.rank == 0 and (aside := set_aside_previous_run(run_dir, Path(cfg.paths.ckpt_dir))):
         log.info("fresh start in a used run dir: moved the previous run to %s", aside)
     write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -197,14 +214,25 @@ def run(cfg: DictConfig) -> dict:
 
     # The phase callback goes first so that LR monitors see this step's LRs.
     callbacks = [PhaseLRCallback(phases, cfg.optim.schedule, cfg.optim.warmup_steps,
-                                 cfg.strategy.get("reset_optimizer", False))]
+                                 cfg.strategy.get("reset_optimizer", False)), preemption]
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg, run_dir))
+    loggers = build_loggers(cfg, run_dir)
+    if ckpt_path is not None and rank_zero_only.rank == 0:
+        for logger in loggers:
+            if isinstance(logger, ResumableCSVLogger):
+                logger.drop_steps_from(resume_step)  # they run again
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
 
     start = time.perf_counter()
     if cfg.train:
+        if preemption.received:
+            raise Preempted(f"{preemption.signal_name} before training started; nothing new to save: "
+                            "rerun with ckpt_path=auto")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        if preemption.step is not None:
+            raise Preempted(f"{preemption.signal_name} at step {preemption.step}: saved {preemption.saved}; "
+                            "resume with ckpt_path=auto (same overrides)")
     else:
         trainer.validate(module, datamodule=datamodule)
     results = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
@@ -244,14 +272,42 @@ def export(cfg: DictConfig, model, tokenizer, run_dir: Path) -> None:
     log.info("exported the trained model to %s", cfg.export_dir)
 
 
+def lost_rank(err: BaseException) -> str | None:
+    """The one-line message for a collective that failed because another rank died (gloo: the connection
+    closed or reset), else None."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    text = str(err)
+    if not isinstance(err, (dist.DistError, RuntimeError)) or not re.search(
+            r"Connection (closed|reset) by peer|Broken pipe|Socket Timeout|NCCL communicator was aborted", text):
+        return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    who = f"rank {1 - rank}" if world == 2 else "a rank other than this one"
+    reason = next((line.strip() for line in text.splitlines() if "by peer" in line or "Timeout" in line), text)
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", reason.strip())  # gloo's source-location prefix
+    return f"{who} of {world} exited ({reason}); resume with ckpt_path=last"
+
+
 @hydra_main("train", check, lock_run_dir=True)
 def main(cfg: DictConfig) -> float | None:
     try:
         with one_line_errors():
             results = run(cfg)
     except NonFiniteError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(3) from None
+        fail(str(err), EXIT_NON_FINITE)
+    except Preempted as err:
+        if rank_zero_only.rank:
+            raise SystemExit(EXIT_PREEMPTED) from None  # rank 0 says it, once
+        fail(str(err), EXIT_PREEMPTED, prefix="preempted")
+    except DiskFullError as err:
+        fail(f"{err.strerror}; the previous checkpoint is intact: free space, then resume with ckpt_path=last",
+             EXIT_DISK_FULL)
+    except Exception as err:
+        if (lost := lost_rank(err)) is None:
+            raise
+        fail(lost, EXIT_LOST_RANK)
     return results.get("val/loss")
 
 

@@ -11,7 +11,8 @@ class ConfigError(ValueError):
     """A bad config key or value; the message is one line naming the key and the allowed values."""
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (YAML true is not 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -27,7 +28,7 @@ def check_bool(key: str, value: Any) -> None:
 
 
 def check_min(key: str, value: Any, minimum: int) -> None:
-    if not _is_int(value) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}")
 
 
@@ -39,14 +40,14 @@ def check_positive(key: str, value: Any, *, allow_zero: bool = False) -> None:
 
 def check_count(key: str, value: Any, unit: str) -> None:
     """A positive integer count of `unit` (tokens, sequences, steps)."""
-    if not _is_int(value) or value < 1:
+    if not is_int(value) or value < 1:
         raise ConfigError(f"{key}={value!r} must be a positive number of {unit} (an integer >= 1)")
 
 
 def check_layers(key: str, layers: Iterable[Any]) -> None:
     """Distinct non-negative layer indices (the model config checks the upper bound)."""
     layers = list(layers)
-    if any(not _is_int(i) or i < 0 for i in layers) or len(set(layers)) != len(layers):
+    if any(not is_int(i) or i < 0 for i in layers) or len(set(layers)) != len(layers):
         raise ConfigError(f"{key}={layers} must be distinct non-negative layer indices")
 
 

@@ -141,7 +141,8 @@ def _job_overrides(config_name: str, overrides: list[str], multirun: bool) -> tu
 
 
 def compose_job(config_name: str, overrides: list[str], num: int = 0, multirun: bool = False) -> DictConfig:
-    """The job config (no `hydra` node) Hydra will run for `overrides`, `${hydra:...}` resolvable."""
+    """The job config (no `hydra` node) Hydra will run for `overrides`, unresolved, its `${hydra:...}`
+    resolvable until the next compose."""
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
@@ -154,7 +155,6 @@ def compose_job(config_name: str, overrides: list[str], num: int = 0, multirun: 
                                         else cfg.hydra.run.dir)
         HydraConfig.instance().set_config(cfg)
         cfg.pop("hydra")
-    OmegaConf.resolve(cfg)
     return cfg
 
 
@@ -167,6 +167,13 @@ def precheck(config_name: str, argv: list[str], check: Callable[[DictConfig], No
     parser = get_args_parser()
     parser.error = lambda message: fail(f"{message} (see --help)")  # type: ignore[method-assign]
     args = parser.parse_args(argv)
+    commands = [flag for flag, given in (("--run", args.run), ("--multirun", args.multirun), ("--cfg", args.cfg),
+                                         ("--info", args.info), ("--shell-completion", args.shell_completion)) if given]
+    if len(commands) > 1 and not (args.help or args.hydra_help):  # Hydra raises a ValueError for these
+        fail(f"{' and '.join(commands)} cannot be combined: give one of --run, --multirun, --cfg, --info, "
+             "--shell-completion (see --help)")
+    if len(commands) > 1 and not (args.help or args.hydra_help):
+        fail("--resolve needs --cfg (see --help)")
     if (args.help or args.hydra_help or args.info or args.cfg or args.shell_completion or args.config_path
             or args.config_dir or args.experimental_rerun):
         return None  # Hydra prints or reruns; nothing to check
@@ -175,8 +182,9 @@ def precheck(config_name: str, argv: list[str], check: Callable[[DictConfig], No
         jobs, expanded = _job_overrides(name, args.overrides, args.multirun)
         for num, overrides in enumerate(jobs):
             cfg = compose_job(name, overrides, num, args.multirun)
-            if expanded:
+            if expanded:  # before resolving: a bad value is named by its key, not by an interpolation reading it
                 check(cfg)
+            OmegaConf.resolve(cfg)
     return None if args.multirun else cfg
 
 

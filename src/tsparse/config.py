@@ -4,12 +4,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, get_args
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from tsparse.checks import ConfigError, check_choice, check_placement, check_positive  # noqa: F401 (ConfigError re-exported)
+from tsparse.checks import (ConfigError, check_choice, check_count, check_min, check_placement,  # noqa: F401 (ConfigError re-exported)
+                            check_positive, is_int)
 from tsparse.registry import EXPERTS_KEY, KINDS
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -78,8 +79,11 @@ def compose_config(overrides: list[str], config_name: str = "train") -> DictConf
 
 def expert_configs(cfg: DictConfig, experts: list[int] | None) -> Iterator[tuple[int | None, DictConfig]]:
     """`cfg` with `registry.EXPERTS_KEY` set to each count of `experts` (default: its own), in turn; the count
-    is None when the kind that has experts is not attached."""
+    is None when the kind that has experts is not attached (ConfigError if `experts` are given then)."""
     kind = EXPERTS_KEY.split(".")[0]
+    if experts and kind not in cfg.sparse.modules:
+        raise ConfigError(f"--experts sets {EXPERTS_KEY}, but {kind} is not attached (sparse.modules="
+                          f"{list(cfg.sparse.modules)}); attach it, e.g. sparse={kind}, or drop --experts")
     for count in experts or [OmegaConf.select(cfg, EXPERTS_KEY)]:
         with open_dict(cfg):
             OmegaConf.update(cfg, EXPERTS_KEY, count)
@@ -94,12 +98,24 @@ def set_table_dtype(cfg: DictConfig, dtype: str) -> None:
                 OmegaConf.update(cfg, f"{name}.table_dtype", dtype)
 
 
+def check_data(cfg: DictConfig) -> None:
+    """The data sizes every run and sizing CLI depends on: positive integers, and `data.block_size` within the
+    model context (`model.config.max_position_embeddings`, where the model config group gives it)."""
+    for key, unit in (("block_size", "tokens"), ("batch_size", "sequences"), ("eval_batch_size", "sequences")):
+        check_count(f"data.{key}", cfg.data[key], unit)
+    context = OmegaConf.select(cfg, "model.config.max_position_embeddings")
+    if context is not None and cfg.data.block_size > context:
+        raise ConfigError(f"data.block_size={cfg.data.block_size} exceeds the model context ({context}); choose 1 to "
+                          f"{context} (model.config.max_position_embeddings)")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check the values every run depends on, before anything is built or written."""
+    if "study_steps" in cfg:  # named here, not as the trainer.max_steps a study derives from it
+        check_count("study_steps", cfg.study_steps, "steps")
     check_choice("model.kind", cfg.model.kind, ["micro", "pretrained"])
     check_choice("data.source", cfg.data.source, ["hub", "local"])
-    for key in ("block_size", "batch_size", "eval_batch_size"):
-        check_positive(f"data.{key}", cfg.data[key])
+    check_data(cfg)
     check_choice("optim.base", cfg.optim.base, ["frozen", "finetune", "lora"])
     check_choice("optim.schedule", cfg.optim.schedule, ["constant", "cosine"])
     check_choice("optim.on_non_finite", cfg.optim.on_non_finite, ["stop", "skip"])
@@ -110,6 +126,8 @@ def validate(cfg: DictConfig) -> None:
     check_placement(module_specs(cfg), cfg.model.config.num_hidden_layers)
     if cfg.ckpt_path is not None and not isinstance(cfg.ckpt_path, str):
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} must be null, 'last', 'auto' or a path to a .ckpt file")
+    if cfg.ckpt_path not in (None, "last", "auto") and Path(cfg.ckpt_path).is_dir():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} is a directory; pass a .ckpt file, or last / auto")
 
 
 def module_specs(cfg: DictConfig) -> dict:
@@ -123,3 +141,34 @@ def module_specs(cfg: DictConfig) -> dict:
 
 def to_container(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def check_trainer(trainer: DictConfig) -> None:
+    """The values tsparse hands to `lightning.Trainer`, checked as Lightning would, but before a run dir exists."""
+    from lightning.fabric.plugins.precision import precision
+
+    check_choice("trainer.accelerator", trainer.get("accelerator", "auto"), ["cpu", "gpu", "cuda", "mps", "auto"])
+    precisions = [v for t in ("_PRECISION_INPUT_STR", "_PRECISION_INPUT_STR_ALIAS", "_PRECISION_INPUT_INT")
+                  for v in get_args(getattr(precision, t))]
+    check_choice("trainer.precision", trainer.get("precision", "32-true"), precisions)
+    devices = trainer.get("devices", "auto")
+    ids = list(devices) if isinstance(devices, ListConfig) else None
+    if not (devices == "auto" or devices == -1 or (is_int(devices) and devices >= 1)
+            or (ids and all(is_int(i) and i >= 0 for i in ids) and len(set(ids)) == len(ids))):
+        raise ConfigError(f"trainer.devices={devices!r} must be a device count >= 1, -1 (all), auto, or a list of "
+                          "distinct device ids")
+    interval = trainer.get("val_check_interval")
+    if interval is not None and not ((is_int(interval) and interval >= 1)
+                                     or (isinstance(interval, float) and 0 < interval <= 1)):
+        raise ConfigError(f"trainer.val_check_interval={interval!r} must be a step count >= 1 or a fraction in (0, 1]")
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+        limit = trainer.get(key)
+        if limit is not None and not ((is_int(limit) and limit >= 0) or (isinstance(limit, float) and 0 <= limit <= 1)):
+            raise ConfigError(f"trainer.{key}={limit!r} must be null, a batch count >= 0 or a fraction in [0, 1]")
+    for key in ("log_every_n_steps", "accumulate_grad_batches"):
+        check_count(f"trainer.{key}", trainer.get(key, 1), "steps")
+    check_min("trainer.max_epochs", trainer.get("max_epochs", -1), -1)
+    if trainer.get("check_val_every_n_epoch") is not None:
+        check_count("trainer.check_val_every_n_epoch", trainer.check_val_every_n_epoch, "epochs")
+    if "num_sanity_val_steps" in trainer:
+        check_min("trainer.num_sanity_val_steps", trainer.num_sanity_val_steps, -1)

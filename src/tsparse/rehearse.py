@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> list[Stage]:
     parser.add_argument("--keep", action="store_true", help="keep the temporary working folder")
     parser.add_argument("--data-dir", default=str(Path(project_root()).parent / "shared" / "data" / "wikitext-2"))
     args = parser.parse_args(argv)
+    if args.work is not None and args.work.exists() and not args.work.is_dir():
+        fail(f"--work {args.work} is a file; name a folder")
     if not Path(args.data_dir, "train.txt").is_file():
         fail(f"--data-dir {args.data_dir} holds no train.txt (the local WikiText-2 copy)")
     start = time.perf_counter()

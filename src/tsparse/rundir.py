@@ -16,6 +16,7 @@ from tsparse.checks import ConfigError
 
 LOCK_FILE = ".tsparse.lock"
 TEMP_SUFFIX = ".tsparse-tmp"   # atomic_file's temp files
+REPLACED = ".replaced"         # set_aside's folder
 _held: dict[Path, int] = {}  # run dir -> fd of the lock this process holds
 
 
@@ -60,9 +61,14 @@ def fsync_dir(folder: Path) -> None:
 def atomic_file(path: str | Path, needed: Callable[[], int] | None = None) -> Iterator[BinaryIO]:
     """A binary file that becomes `path` all or nothing, on any filesystem: a temp file in `path`'s own
     folder, fsync, then `os.replace` (a rename within one filesystem). On any failure the temp file is
-    removed and `path` is left as it was; a full disk raises DiskFullError naming the path and the bytes
-    needed (`needed()`, else what was written when the disk filled)."""
+    removed and `path` is left as it was. A full disk raises DiskFullError naming the path and the bytes
+    needed (`needed()`, about what will be written): before writing when they are not free, or when a
+    write fails with ENOSPC or fails for want of them (torch's zip writer reports a short write as a
+    RuntimeError)."""
     path = Path(path)
+    size = needed() if needed else 0
+    if size > (free := shutil.disk_usage(path.parent).free):
+        raise DiskFullError(errno.ENOSPC, disk_full_message(path, size, free))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -74,13 +80,15 @@ def atomic_file(path: str | Path, needed: Callable[[], int] | None = None) -> It
     except BaseException as err:
         written = Path(tmp).stat().st_size if Path(tmp).exists() else 0
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            size = needed() if needed else written
-            free = shutil.disk_usage(path.parent).free
-            raise DiskFullError(errno.ENOSPC, f"no space left on device for {path}: it needs about {size:,} bytes, "
-                                f"{free:,} are free") from None
+        free = shutil.disk_usage(path.parent).free
+        if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or (isinstance(err, Exception) and size > free):
+            raise DiskFullError(errno.ENOSPC, disk_full_message(path, max(size, written), free)) from None
         raise
     fsync_dir(path.parent)
+
+
+def disk_full_message(path: Path, needed: int, free: int) -> str:
+    return f"no space left on device for {path}: it needs about {needed:,} bytes, {free:,} are free"
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:
@@ -105,7 +113,7 @@ def _umask() -> int:
 
 def set_aside(paths: list[Path], parent: Path, name: str) -> Path:
     """Move `paths` into a new `<parent>/.replaced/<name>.<time>.<random>/` folder (nothing is deleted)."""
-    trash = parent / ".replaced"
+    trash = parent / REPLACED
     trash.mkdir(exist_ok=True)
     aside = Path(tempfile.mkdtemp(dir=trash, prefix=f"{name}.{time.strftime('%Y%m%d-%H%M%S')}."))
     for path in paths:

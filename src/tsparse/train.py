@@ -22,14 +22,14 @@ from tsparse.callbacks import (Preemption, PhaseLRCallback, TokenThroughput, che
                                parse_phases)
 from tsparse.checkpoint import AtomicCheckpointIO, load_checkpoint, newest_valid_checkpoint
 from tsparse.checks import ConfigError, check_bool
-from tsparse.config import config_dir, module_specs, to_container, validate
+from tsparse.config import check_trainer, config_dir, module_specs, to_container, validate
 from tsparse.export import check_export_target, save_model, save_run_model_card
 from tsparse.lit_module import CausalLMModule, NonFiniteError
 from tsparse.data import build_datamodule
 from tsparse.models import base_path, build_model
 from tsparse.loggers import ResumableCSVLogger, use_wandb_offline_without_key
 from tsparse.registry import attached_groups, params_by_group
-from tsparse.rundir import LOCK_FILE, DiskFullError, lock_run_dir, remove_stale_temp_files, set_aside, write_atomic
+from tsparse.rundir import LOCK_FILE, REPLACED, DiskFullError, lock_run_dir, remove_stale_temp_files, set_aside, write_atomic
 
 log = logging.getLogger("tsparse")
 
@@ -78,24 +78,26 @@ def resolve_ckpt_path(cfg: DictConfig, ckpt_dir: Path) -> tuple[str | None, int]
     return str(newest), int(load_checkpoint(newest, mmap=True).get("global_step", 0))
 
 
-def set_aside_previous_run(run_dir: Path, ckpt_dir: Path) -> Path | None:
-    """Before a fresh start, move what a previous run left in `run_dir` (and `ckpt_dir`) to
-    `<parent>/.replaced/<run name>.<time>/`, so that the new run never appends to its metrics.csv,
-    results.json or W&B run (wandb_id.txt). Kept: this invocation's Hydra files (`.hydra/`, and the job
-    log, which Hydra holds open: its old lines are copied aside and it is emptied) and the run dir's lock.
-    Returns the folder, or None if there was nothing to move."""
+def set_aside_previous_run(run_dir: Path, ckpt_dir: Path) -> list[Path]:
+    """Before a fresh start, move what a previous run left in `run_dir` to `<parent>/.replaced/<run name>.<time>/`,
+    so that the new run never appends to its metrics.csv, results.json or W&B run (wandb_id.txt). Kept: this
+    invocation's Hydra files (`.hydra/`, and the job log, which Hydra holds open: its old lines are copied
+    aside and it is emptied) and the run dir's lock. A `ckpt_dir` outside the run dir (maybe another
+    filesystem, or a mount point) keeps its folder; its files go to `<ckpt_dir>/.replaced/`. Returns the
+    folders things were moved to."""
     keep = {LOCK_FILE, *([HydraConfig.get().output_subdir] if HydraConfig.initialized() else [])}
     logs = {Path(h.baseFilename) for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)}
     old = [p for p in run_dir.iterdir() if p.name not in keep and not (p in logs and p.stat().st_size == 0)]
+    folders = []
+    if old:
+        folders.append(aside := set_aside([p for p in old if p not in logs], run_dir.parent, run_dir.name))
+        for path in (p for p in old if p in logs):
+            shutil.copy2(path, aside / path.name)
+            os.truncate(path, 0)
     if ckpt_dir.is_dir() and run_dir not in ckpt_dir.parents:
-        old.append(ckpt_dir)
-    if not old:
-        return None
-    aside = set_aside([p for p in old if p not in logs], run_dir.parent, run_dir.name)
-    for path in (p for p in old if p in logs):
-        shutil.copy2(path, aside / path.name)
-        os.truncate(path, 0)
-    return aside
+        if old_ckpts := [p for p in ckpt_dir.iterdir() if p.name != REPLACED]:
+            folders.append(set_aside(old_ckpts, ckpt_dir, ckpt_dir.name))
+    return folders
 
 
 def experiments() -> list[str]:
@@ -105,6 +107,7 @@ def experiments() -> list[str]:
 def check(cfg: DictConfig) -> list:
     """Everything a run is refused for before anything is built or written, one line each; returns its phases."""
     validate(cfg)
+    check_trainer(cfg.trainer)
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError(f"seed={cfg.seed!r} must be an integer")
     for key in ("train", "test", "overwrite", "compile"):
@@ -198,7 +201,7 @@ def train_and_test(cfg: DictConfig, phases: list, run_dir: Path, preemption: Pre
             remove_stale_temp_files(Path(cfg.paths.ckpt_dir))  # a write cut short by a kill
     ckpt_path, resume_step = resolve_ckpt_path(cfg, Path(cfg.paths.ckpt_dir)) if cfg.train else (None, 0)
     if ckpt_path is None and rank_zero_only.rank == 0 and (aside := set_aside_previous_run(run_dir, Path(cfg.paths.ckpt_dir))):
-        log.info("fresh start in a used run dir: moved the previous run to %s", aside)
+        log.info("fresh start in a used run dir: moved the previous run to %s", ", ".join(map(str, aside)))
     write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
 
@@ -272,6 +275,9 @@ def export(cfg: DictConfig, model, tokenizer, run_dir: Path) -> None:
     log.info("exported the trained model to %s", cfg.export_dir)
 
 
+LOST_PEER = r"Connection (closed|reset) by peer|Broken pipe|Socket Timeout|NCCL communicator was aborted"
+
+
 def lost_rank(err: BaseException) -> str | None:
     """The one-line message for a collective that failed because another rank died (gloo: the connection
     closed or reset), else None."""
@@ -280,13 +286,12 @@ def lost_rank(err: BaseException) -> str | None:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return None
     text = str(err)
-    if not isinstance(err, (dist.DistError, RuntimeError)) or not re.search(
-            r"Connection (closed|reset) by peer|Broken pipe|Socket Timeout|NCCL communicator was aborted", text):
+    if not isinstance(err, (dist.DistError, RuntimeError)) or not re.search(LOST_PEER, text):
         return None
     rank, world = dist.get_rank(), dist.get_world_size()
     who = f"rank {1 - rank}" if world == 2 else "a rank other than this one"
-    reason = next((line.strip() for line in text.splitlines() if "by peer" in line or "Timeout" in line), text)
-    reason = re.sub(r"^\[[^\]]*\]\s*", "", reason.strip())  # gloo's source-location prefix
+    line = next(line for line in text.splitlines() + [text] if re.search(LOST_PEER, line))
+    reason = re.sub(r"^\[[^\]]*:\d+\]\s*", "", line.strip()).split(". ")[0]  # gloo's source-location prefix
     return f"{who} of {world} exited ({reason}); resume with ckpt_path=last"
 
 

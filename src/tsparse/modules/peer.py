@@ -13,14 +13,15 @@ from tsparse.modules import TABLE_DTYPES, rms_ratio
 from tsparse.modules.peer_kernels import SubKeyTopK, mix_experts
 
 GATES = ("softmax", "relu")
+MAX_EXPERTS = 2**40  # (2**20)²: far beyond any table that fits, and keeps table sizes inside int64
 
 
 def experts_side(num_experts: int) -> int:
-    """sqrt(num_experts), or ConfigError if it is not a positive perfect square."""
-    side = math.isqrt(num_experts) if num_experts > 0 else 0
+    """sqrt(num_experts), or ConfigError if it is not a positive perfect square <= MAX_EXPERTS."""
+    side = math.isqrt(num_experts) if 0 < num_experts <= MAX_EXPERTS else 0
     if side == 0 or side * side != num_experts:
         raise ConfigError(
-            f"peer.num_experts={num_experts} must be a positive perfect square "
+            f"peer.num_experts={num_experts} must be a positive perfect square <= {MAX_EXPERTS:,} "
             "(e.g. 16384=128², 65536, 262144, 589824, 802816)"
         )
     return side

@@ -2,6 +2,7 @@
 tokenizer, and the one-error-line check of the CLIs; weights are perturbed with tsparse.modules.perturb_."""
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -62,3 +63,9 @@ def write_run(run_dir, experiment="peer", seed=0, acc=None, results=None):
     if acc is not None:
         (run_dir / "lm_eval.json").write_text(json.dumps({"results": {"hellaswag": {
             "acc,none": acc, "acc_stderr,none": 0.01, "acc_norm,none": acc + 0.1, "acc_norm_stderr,none": 0.01}}}))
+
+
+def logged_train_steps(run_dir) -> list[int]:
+    """The step of every train/loss row of the run's csv/metrics.csv, repeats included."""
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]

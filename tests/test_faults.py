@@ -23,7 +23,7 @@ from tsparse.report import read_metrics
 from tsparse.rundir import TEMP_SUFFIX, DiskFullError, atomic_file, remove_stale_temp_files
 from tsparse.train import check as train_check, run
 
-from helpers import one_error_line
+from helpers import logged_train_steps, one_error_line
 
 ENV = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
 
@@ -56,14 +56,6 @@ def wait_for_step(proc: subprocess.Popen, run_dir, step: int, timeout: float = 2
 
 def train_losses(run_dir) -> dict[int, float]:
     return {step: row["train/loss"] for step, row in read_metrics(run_dir).items() if "train/loss" in row}
-
-
-def logged_train_steps(run_dir) -> list[int]:
-    """The step of every train/loss row of metrics.csv, repeats included."""
-    import csv
-
-    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
-        return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
@@ -242,22 +234,25 @@ def test_checkpoints_are_written_in_their_own_folder_then_renamed(tmp_path, monk
 
 
 def test_last_is_the_newest_valid_checkpoint_for_every_command(tmp_path, wikitext_small, compose, nano, small_modules):
-    """A damaged last.ckpt: export/eval/generate (`run_checkpoint`) pick the same step file as training's
-    resume, and the resumed run writes last.ckpt again (never a last-v1.ckpt) at its end."""
-    args = nano(tmp_path, wikitext_small, "sparse=peer", *small_modules, "test=false", "trainer.max_steps=4",
+    """Damaged last.ckpt, step000006.ckpt and step000004.ckpt: export/eval/generate (`run_checkpoint`) pick
+    step000002.ckpt as training's resume does; the resume logs steps 2-5 once more in place of their old
+    rows, and writes last.ckpt again (never a last-v1.ckpt: step 2's state predates any last.ckpt)."""
+    args = nano(tmp_path, wikitext_small, "sparse=peer", *small_modules, "test=false", "trainer.max_steps=6",
                 "trainer.val_check_interval=2", "callbacks.model_checkpoint.every_n_train_steps=2",
-                "callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.save_top_k=-1")
+                "callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.save_top_k=-1",
+                "trainer.log_every_n_steps=1")
     run(compose(args))
     ckpt_dir = tmp_path / "run" / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    last.write_bytes(last.read_bytes()[:1000])
-    assert run_checkpoint(tmp_path / "run", "last") == ckpt_dir / "step000004.ckpt"
+    for name in ("last.ckpt", "step000006.ckpt", "step000004.ckpt"):
+        (ckpt_dir / name).write_bytes((ckpt_dir / name).read_bytes()[:1000])
+    assert run_checkpoint(tmp_path / "run", "last") == ckpt_dir / "step000002.ckpt"
     load_run(tmp_path / "run", "last")
 
-    run(compose([*args, "trainer.max_steps=6", "ckpt_path=last"]))
+    run(compose([*args, "ckpt_path=last"]))
+    assert sorted(logged_train_steps(tmp_path / "run")) == list(range(6))
     assert not list(ckpt_dir.glob("last-v*.ckpt"))
-    assert run_checkpoint(tmp_path / "run", "last") == last
-    assert load_checkpoint(last)["global_step"] == 6
+    assert run_checkpoint(tmp_path / "run", "last") == ckpt_dir / "last.ckpt"
+    assert load_checkpoint(ckpt_dir / "last.ckpt")["global_step"] == 6
 
 
 def test_a_resume_drops_the_rows_it_logs_again(tmp_path):

@@ -12,6 +12,8 @@ from tsparse.checks import ConfigError
 from tsparse.report import read_metrics
 from tsparse.train import run
 
+from helpers import logged_train_steps
+
 SCHEDULE = ("strategy=diff_lr", "strategy.phase_steps=8", "trainer.max_steps=24", "trainer.val_check_interval=4",
             "callbacks.model_checkpoint.every_n_train_steps=4", "trainer.log_every_n_steps=1",
             "logger.csv.flush_logs_every_n_steps=1", "test=false")
@@ -60,6 +62,7 @@ def test_sigkill_mid_phase_then_resume_matches_uninterrupted(tmp_path, wikitext_
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = read_metrics(tmp_path / "full" / "run"), read_metrics(killed_dir / "run")
     assert max(b) == max(a) == 23
+    assert sorted(logged_train_steps(killed_dir / "run")) == list(range(24))  # the re-run steps logged once
     for step in range(24):
         assert [a[step][k] for k in LRS] == [b[step][k] for k in LRS], step
         assert abs(a[step]["train/loss"] - b[step]["train/loss"]) < 1e-4, step
@@ -95,6 +98,7 @@ def test_ddp_sigkill_mid_phase_then_resume_matches_uninterrupted(trainer, tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = read_metrics(tmp_path / "full" / "run"), read_metrics(killed_dir / "run")
     assert max(b) == max(a) == 11
+    assert sorted(logged_train_steps(killed_dir / "run")) == list(range(12))
     for step in range(12):
         assert [a[step][k] for k in LRS] == [b[step][k] for k in LRS], step
         assert abs(a[step]["train/loss"] - b[step]["train/loss"]) < 1e-4, step

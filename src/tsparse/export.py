@@ -3,7 +3,7 @@
     python -m tsparse.export RUN_DIR OUT_DIR [--checkpoint best|last|FILE] [--overwrite]
 
 The export is `save_pretrained` (safetensors) plus the tokenizer and `tsparse_export.json` (where it came
-from), staged beside OUT_DIR and swapped in, so OUT_DIR is never half-written; LoRA adapters are merged
+from), staged beside OUT_DIR, fsynced and swapped in, so OUT_DIR is never half-written; LoRA adapters are merged
 into the base weights. After `import tsparse`, `AutoModelForCausalLM.from_pretrained(OUT_DIR)` loads it.
 tsparse never deletes what it did not write: OUT_DIR may not be, contain or lie inside the run dir; an
 existing OUT_DIR must be empty or an earlier export (which is replaced), and anything else is refused
@@ -23,7 +23,7 @@ from tsparse.checks import ConfigError
 from tsparse.cli import ArgumentParser, one_line_errors
 from tsparse.loading import MODEL_SUBDIR, load_run
 from tsparse.modeling_tsparse import TsparseForCausalLM
-from tsparse.rundir import set_aside
+from tsparse.rundir import fsync_dir, fsync_tree, set_aside
 
 EXPORT_MARKER = "tsparse_export.json"
 
@@ -60,14 +60,20 @@ def save_model(model: nn.Module, tokenizer, target: str | Path, source: dict | N
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / EXPORT_MARKER).write_text(json.dumps(source or {}, indent=2))
-    apply_umask(staging)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / EXPORT_MARKER).write_text(json.dumps(source or {}, indent=2))
+        apply_umask(staging)
+        fsync_tree(staging)
+    except BaseException:
+        shutil.rmtree(staging)  # a half-written staging dir of ours (a full disk, an interrupt)
+        raise
     if target.exists() and (target / EXPORT_MARKER).is_file():
         old = target.with_name(f".{target.name}-old-{os.getpid()}")
         target.rename(old)
         staging.rename(target)
+        fsync_dir(target.parent)
         shutil.rmtree(old)
         return
     if target.exists() and any(target.iterdir()):
@@ -75,6 +81,7 @@ def save_model(model: nn.Module, tokenizer, target: str | Path, source: dict | N
     elif target.exists():
         target.rmdir()
     staging.rename(target)
+    fsync_dir(target.parent)
 
 
 def save_run_model_card(run_dir: Path, model: TsparseForCausalLM, tokenizer) -> None:

@@ -45,6 +45,15 @@ class DiskFullError(OSError):
     """A write that did not fit on its filesystem; the message is one line naming the path and the bytes needed."""
 
 
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then the folder, so that a rename of it publishes complete files."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(folder)
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename inside `folder` durable (a no-op where directories cannot be opened)."""
     try:

@@ -172,7 +172,7 @@ def precheck(config_name: str, argv: list[str], check: Callable[[DictConfig], No
     if len(commands) > 1 and not (args.help or args.hydra_help):  # Hydra raises a ValueError for these
         fail(f"{' and '.join(commands)} cannot be combined: give one of --run, --multirun, --cfg, --info, "
              "--shell-completion (see --help)")
-    if len(commands) > 1 and not (args.help or args.hydra_help):
+    if args.resolve and not (args.cfg or args.help):
         fail("--resolve needs --cfg (see --help)")
     if (args.help or args.hydra_help or args.info or args.cfg or args.shell_completion or args.config_path
             or args.config_dir or args.experimental_rerun):

@@ -63,7 +63,7 @@ def test_a_missing_micro_base_is_refused_before_any_directory(tmp_path, capsys):
     (viz.main, [], "the following arguments are required: PATH"),
     (viz.main, [".", "--top", "x"], "argument --top: 'x' is not a positive integer"),
     (report.main, [], "the following arguments are required: PATH"),
-    (report.main, ["/no/such/dir"], "no run directories"),
+    (report.main, ["/no/such/dir"], "no tsparse runs"),
     (params.main, ["/bad/override"], "Error parsing override '/bad/override'"),
     (params.main, ["model=nope"], "Could not find 'model/nope'"),
     (params.main, ["--experts", "-3"], "argument --experts: '-3' is not a positive integer"),

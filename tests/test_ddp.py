@@ -35,13 +35,13 @@ EVERY_STEP_CHECKPOINT = ("callbacks.model_checkpoint.every_n_train_steps=1", "ca
 RECORD_SAVES = """
 import os
 import torch.distributed as dist
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-save = TorchCheckpointIO.save_checkpoint
+from tsparse.checkpoint import AtomicCheckpointIO
+save = AtomicCheckpointIO.save_checkpoint
 def recorded(self, checkpoint, path, storage_options=None):
     with open(os.environ["TSPARSE_TEST_SAVES"], "a") as log:
         log.write(f"{dist.get_rank() if dist.is_initialized() else -1}\\n")
     return save(self, checkpoint, path, storage_options)
-TorchCheckpointIO.save_checkpoint = recorded
+AtomicCheckpointIO.save_checkpoint = recorded
 """
 # Step 2's loss is NaN on the last rank: rank 1 of 2, or the one process, whose global batch holds rank 1's samples.
 NAN_AT_STEP_2 = """

@@ -4,11 +4,13 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from tsparse.modules.protocol import SparseModule
 from tsparse.registry import RMS_COMPARISONS
 
-def tracked_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """`{kind}.L{layer}` -> module, for every attached sparse module that records statistics."""
-    return {name: m for name, m in model.sparse_modules().items() if hasattr(m, "track_stats")}
+
+def tracked_modules(model: torch.nn.Module) -> dict[str, SparseModule]:
+    """`{kind}.L{layer}` -> module, for every attached sparse module (each records statistics: the module protocol)."""
+    return model.sparse_modules()
 
 
 class ModuleStats(L.Callback):
@@ -31,7 +33,7 @@ class ModuleStats(L.Callback):
             if not module.track_stats:
                 continue
             module.track_stats = False
-            for key, value in getattr(module, "stats", {}).items():
+            for key, value in module.stats.items():
                 pl_module.log(f"stats/{name}/{key}", float(value), on_step=True, on_epoch=False)
             kind = name.split(".")[0]
             if kind in ratios and "out_rms_ratio" in module.stats:
@@ -45,7 +47,6 @@ class ModuleStats(L.Callback):
         if trainer.sanity_checking:
             return
         for name, module in tracked_modules(pl_module.model).items():
-            if hasattr(module, "usage_summary") and int(module.usage_counts.sum()) > 0:
-                for key, value in module.usage_summary().items():
-                    pl_module.log(f"stats/{name}/{key}", value)
-                module.reset_usage()
+            for key, value in module.usage_summary().items():
+                pl_module.log(f"stats/{name}/{key}", value)
+            module.reset_usage()

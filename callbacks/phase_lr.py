@@ -8,7 +8,7 @@ from typing import Iterable, Sequence
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 
-from tsparse.checks import ConfigError
+from tsparse.checks import ConfigError, check_count, check_positive
 from tsparse.registry import KINDS, PARAM_GROUPS
 
 
@@ -36,8 +36,7 @@ def parse_phases(raw: Iterable[dict], key: str = "strategy.phases") -> list[Phas
         if unknown:
             raise ConfigError(f"{where} has unknown keys {sorted(unknown)}; allowed: ['name', 'steps', 'lr', 'frozen']")
         steps = p.get("steps")
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
-            raise ConfigError(f"{where}.steps={steps!r} must be a positive integer")
+        check_count(f"{where}.steps", steps, "steps")
         lr = dict(p.get("lr") or {})
         frozen = tuple(p.get("frozen") or ())
         for group in lr:
@@ -47,8 +46,7 @@ def parse_phases(raw: Iterable[dict], key: str = "strategy.phases") -> list[Phas
             if group not in (*PARAM_GROUPS, *KINDS):
                 raise ConfigError(f"{where}.frozen names unknown param group {group!r}; allowed: {list(PARAM_GROUPS)}")
         for group, value in lr.items():
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"{where}.lr.{group}={value!r} must be a number >= 0")
+            check_positive(f"{where}.lr.{group}", value, allow_zero=True)
         phases.append(Phase(str(p.get("name", f"phase{i}")), steps, {g: float(v) for g, v in lr.items()}, frozen))
     if not phases:
         raise ConfigError(f"{key} is empty; give at least one phase")
@@ -110,9 +108,6 @@ class PhaseLRCallback(L.Callback):
         phase = self.phases[self.phase_index(step)]
         scale = self.multiplier(step, total_steps)
         return {g: lr * scale for g, lr in phase.lr.items()}
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        check_phase_lrs(self.phases, [g["name"] for opt in trainer.optimizers for g in opt.param_groups])
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         step = trainer.global_step

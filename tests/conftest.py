@@ -124,20 +124,15 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory, wikitext_small) -> Path:
     """An exported 2-layer LLaMA (128 positions) with PEER in layer 1, random init; copy it before changing it."""
-    from transformers import LlamaConfig
-
-    from tsparse import TsparseConfig, TsparseForCausalLM
-    from tsparse.export import save_model
     from tsparse.modules.peer import PEERSpec
+    from tsparse.saving import save_model
     from tsparse.tokenizer import train_bpe
 
-    torch.manual_seed(0)
     tokenizer = train_bpe((wikitext_small / "train.txt").read_text(), 512)
-    base = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     peer = PEERSpec(layers=[1], num_experts=64, top_k=4, key_dim=8)
-    model = TsparseForCausalLM(TsparseConfig.from_base(base, {"peer": peer}))
+    model = make_tiny_model({"peer": peer}, tokenizer=tokenizer, vocab_size=len(tokenizer), num_hidden_layers=2,
+                            max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=None)
     out = tmp_path_factory.mktemp("model") / "tiny"
     save_model(model, tokenizer, out)
     return out

@@ -1,5 +1,6 @@
-"""Helpers shared by the tests (the fixtures in conftest.py wrap them): one tiny-model factory and its stand-in
-tokenizer, and the one-error-line check of the CLIs; weights are perturbed with tsparse.modules.perturb_."""
+"""Helpers shared by the tests (the fixtures in conftest.py wrap them): the one tiny LLaMA config factory
+(`tiny_llama_config`, every test's tiny base), the tiny-model factory on it and its stand-in tokenizer, and the
+one-error-line check of the CLIs; weights are perturbed with tsparse.modules.perturb.perturb_."""
 from __future__ import annotations
 
 import csv
@@ -8,8 +9,9 @@ import json
 import pytest
 import torch
 
-TINY_BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                 num_key_value_heads=1, max_position_embeddings=64, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+TINY_ARCH = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=64)   # also a `model.config` node's form
+TINY_BASE = dict(TINY_ARCH, eos_token_id=0, bos_token_id=0, pad_token_id=0)
 
 
 class CaseTokenizer:
@@ -25,16 +27,23 @@ class CaseTokenizer:
         return self.decode([i])
 
 
-def make_tiny_model(specs: dict, seed: int = 0, perturb: float = 0.0, **base):
-    """A random-init 3-layer TsparseForCausalLM (d=32, vocab 96) with `specs` attached, in eval mode; with
-    `perturb`, every sparse module's weights get noise of that scale (see tsparse.modules.perturb_)."""
+def tiny_llama_config(**overrides):
+    """The tests' tiny LLaMA: a LlamaConfig of TINY_BASE (3 layers, d=32, vocab 96, 64 positions, token ids 0)
+    with keyword `overrides` (more layers or positions, a tokenizer's vocab and ids; None for HF's default)."""
     from transformers import LlamaConfig
 
+    return LlamaConfig(**{**TINY_BASE, **overrides})
+
+
+def make_tiny_model(specs: dict, seed: int = 0, perturb: float = 0.0, tokenizer=None, **base):
+    """A random-init TsparseForCausalLM on `tiny_llama_config(**base)` with `specs` attached (their module data
+    from `tokenizer`, default a CaseTokenizer), in eval mode; with `perturb`, every sparse module's weights
+    get noise of that scale (see tsparse.modules.perturb.perturb_)."""
     from tsparse import TsparseConfig, TsparseForCausalLM
-    from tsparse.modules import perturb_
+    from tsparse.modules.perturb import perturb_
 
     torch.manual_seed(seed)
-    config = TsparseConfig.from_base(LlamaConfig(**{**TINY_BASE, **base}), specs, tokenizer=CaseTokenizer())
+    config = TsparseConfig.from_base(tiny_llama_config(**base), specs, tokenizer=CaseTokenizer() if tokenizer is None else tokenizer)
     model = TsparseForCausalLM(config).eval()
     if perturb:
         for module in model.sparse_modules().values():

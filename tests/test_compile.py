@@ -7,8 +7,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from tsparse.lit_module import compiled, next_token_loss
-from tsparse.models import architecture_model
-from tsparse.modules import perturb_
+from tsparse.build import architecture_model
+from tsparse.modules.perturb import perturb_
 from tsparse.optim import SparseAwareAdamW
 from tsparse.registry import trainable_groups
 
@@ -20,8 +20,8 @@ OPTIONS = {
     "hybrid": ["sparse=hybrid"],
     "triple": ["sparse=triple"],
     # All three kinds (and sparse tables) in one layer: the cheapest compile of every path, run in CI.
-    "triple-one-layer": ["sparse=triple", "model.placement.engram=[1]", "model.placement.peer=[1]",
-                         "model.placement.mhc=[1]"],
+    "triple-one-layer": ["sparse=triple", "engram.layers=[1]", "peer.layers=[1]",
+                         "mhc.layers=[1]"],
     "triple-dense-tables": ["sparse=triple", "peer.sparse_grad=false", "engram.sparse_grad=false"],
     "triple-bf16-tables": ["sparse=triple", "peer.table_dtype=bfloat16", "engram.table_dtype=bfloat16"],
 }
@@ -87,8 +87,8 @@ def test_compiled_training_matches_eager(option, compose, small_modules, one_thr
 def captured_graphs(compose, small_modules, layers: int) -> int:
     """Graphs dynamo captures for one training step (graph capture and guards do not depend on the backend)."""
     model = nano_model(compose, small_modules, "sparse=triple", f"model.config.num_hidden_layers={layers}",
-                       "model.placement.engram=[0]", f"model.placement.peer={list(range(1, layers))}",
-                       f"model.placement.mhc={list(range(1, layers))}")
+                       "engram.layers=[0]", f"peer.layers={list(range(1, layers))}",
+                       f"mhc.layers={list(range(1, layers))}")
     counters.clear()
     torch._dynamo.reset()
     ids = torch.randint(0, model.config.vocab_size, (2, 16))

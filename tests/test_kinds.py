@@ -1,14 +1,19 @@
-"""The contract every module kind of the registry meets, checked from its example spec and variations: an exact
-identity at init, wired into the forward pass, a gradient for every parameter, a bit-exact save/load round
-trip, and every spec key reaching the built module. A kind that is built but not wired fails here."""
+"""The contract every module kind of the registry meets, checked from its example spec and variations: the
+module protocol (`tsparse.modules.protocol.SparseModule`), an exact identity at init, wired into the forward
+pass, a gradient for every parameter, a bit-exact save/load round trip, cached generation equal to uncached,
+saved-activation bytes, table rows and statistics as declared, and every spec key changing the module's output,
+parameters or gradients. A kind that is built but not wired, or ignores a spec key, fails here."""
 import dataclasses
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from tsparse.modules import perturb_
-from tsparse.registry import KINDS
+from tsparse import plan
+from tsparse.lit_module import next_token_loss
+from tsparse.modules.perturb import perturb_
+from tsparse.modules.protocol import SparseModule
+from tsparse.registry import KINDS, trainable_groups
 
 IDS = torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(1))
 
@@ -63,14 +68,18 @@ def test_save_pretrained_round_trip_is_bit_exact(kind, tiny_model, tmp_path):
 
 
 def fingerprint(model) -> tuple:
-    """What a spec key can change: parameter and buffer shapes and dtypes, module reprs (embedding sparsity,
-    sizes), and the output of the perturbed model."""
+    """What a spec key can change: parameter and buffer shapes and dtypes, the perturbed model's output, and
+    the layout of each module parameter's gradient (dense or row-sparse). Not the modules' reprs: a key that
+    only shows in a repr has not reached the module."""
     for module in model.sparse_modules().values():
         torch.manual_seed(0)
         perturb_(module, 0.5)
     shapes = [(k, tuple(v.shape), v.dtype) for k, v in model.state_dict().items()]
-    with torch.no_grad():
-        return shapes, repr(model), model(IDS).logits
+    logits = model(IDS).logits
+    logits.logsumexp(-1).mean().backward()
+    layouts = [(n, p.grad.layout if p.grad is not None else None) for m in model.sparse_modules().values()
+               for n, p in m.named_parameters()]
+    return shapes, layouts, logits.detach()
 
 
 def test_every_spec_key_reaches_the_built_module(kind, tiny_model):
@@ -84,3 +93,73 @@ def test_every_spec_key_reaches_the_built_module(kind, tiny_model):
         a, b = (fingerprint(tiny_model({kind.name: spec})) for spec in (baseline, varied))
         same_output = a[2].shape == b[2].shape and torch.equal(a[2], b[2])
         assert a[0] != b[0] or a[1] != b[1] or not same_output, f"{kind.name}.{key} does not reach the module"
+
+
+def test_modules_follow_the_protocol_and_reset_to_the_identity(kind, tiny_model):
+    model = tiny_model({kind.name: kind.example()}, perturb=0.5)
+    base = LlamaForCausalLM(model.config).eval()
+    base.load_state_dict(model.state_dict(), strict=False)
+    for key, module in model.sparse_modules().items():
+        assert isinstance(module, SparseModule) and isinstance(module, kind.modules), key
+        module.reset_parameters()
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, base(IDS).logits, rtol=0, atol=1e-6)
+
+
+def test_cached_generation_equals_uncached(kind, tiny_model):
+    model = tiny_model({kind.name: kind.example()}, perturb=0.3)
+    with torch.no_grad():
+        cached = model.generate(IDS[:, :6], max_new_tokens=8, do_sample=False, use_cache=True)
+        uncached = model.generate(IDS[:, :6], max_new_tokens=8, do_sample=False, use_cache=False)
+    assert cached.shape == (2, 14) and torch.equal(cached, uncached)
+
+
+def test_saved_bytes_match_autograd(kind, tiny_model):
+    """`tsparse.plan`'s activation count (the modules' `saved_bytes` plus the layers') against the bytes
+    autograd saves in a training forward of the tiny model with the kind attached (within 10%)."""
+    model = tiny_model({kind.name: kind.example()}, perturb=0.5).train()
+    trainable_groups(model, "frozen")
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage()._cdata not in params:
+            saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        next_token_loss(model, IDS)
+    per_token, per_step = plan.saved_bytes(model, IDS.shape[1], 4)
+    assert per_token * IDS.numel() + per_step == pytest.approx(sum(saved.values()), rel=0.1)
+
+
+def test_table_rows_per_token_match_the_gradient(kind, tiny_model):
+    """`rows_per_token()`: a kind without tables looks up none; with tables, each token's gradient touches
+    that many rows: exactly when the gradient is not coalesced; when it is, at most that many per token and,
+    for one token, more than half of them (rows of different heads may coincide)."""
+    for ids in (IDS, IDS[:1, :1]):
+        model = tiny_model({kind.name: kind.example()}, perturb=0.5)
+        model(ids).logits.logsumexp(-1).mean().backward()
+        for key, module in model.sparse_modules().items():
+            rows, coalesced = module.rows_per_token()
+            assert (rows > 0) == bool(kind.tables), key
+            for table in kind.tables:
+                grad = module.get_parameter(table).grad
+                assert grad is not None and grad.is_sparse, f"{key}.{table}: no row-sparse gradient"
+                touched, lookups = grad._indices().shape[1], rows * ids.numel()
+                ok = (touched <= lookups and (ids.numel() > 1 or 2 * touched > lookups)) if coalesced else touched == lookups
+                assert ok, (key, table, touched, lookups)
+
+
+def test_stats_are_the_declared_ones(kind, tiny_model):
+    """With `track_stats`, a forward records the statistics the registry declares for the kind (some kinds
+    accumulate them, e.g. PEER's expert usage, and report them in `usage_summary()`)."""
+    model = tiny_model({kind.name: kind.example()}, perturb=0.5)
+    modules = model.sparse_modules()
+    for module in modules.values():
+        module.track_stats = True
+    with torch.no_grad():
+        model(IDS)
+    for key, module in modules.items():
+        assert set(module.stats) | set(module.usage_summary()) == set(kind.stats), key
+        assert all(torch.isfinite(torch.as_tensor(v)).all() for v in module.stats.values()), key

@@ -85,6 +85,18 @@ def reference_acc(model_dir) -> float:
     return correct / len(DOCS)
 
 
+@torch.no_grad()
+def greedy(path, prompt: str, new_tokens: int) -> str:
+    """The argmax continuation of `prompt` by the model at `path`, one full forward per token (no cache)."""
+    from tsparse.loading import load_model
+
+    model, tokenizer = load_model(path)
+    ids = prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    for _ in range(new_tokens):
+        ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    return tokenizer.decode(ids[0, prompt_ids.shape[1]:], skip_special_tokens=True)
+
+
 def test_generate_batches_prompts_with_left_padding(model_dir, capsys):
     prompts = ["The Tower of London", "Hi", "In 1990 the band"]
     texts = generate.main([str(model_dir), *(a for p in prompts for a in ("--prompt", p)), "--max-new-tokens", "6"])
@@ -174,7 +186,8 @@ def test_report_shows_lm_eval_columns(tmp_path):
 def test_lm_eval_on_a_run_dir_feeds_the_report(tmp_path, wikitext_small, task_dir, tiny_run, one_thread, offline):
     run_dir = tmp_path / "runs" / "peer"
     tiny_run(tmp_path, wikitext_small, run_dir, "+experiment=peer")
-    assert generate.main([str(run_dir), "--prompt", "The Tower of London", "--max-new-tokens", "4"])
+    [text] = generate.main([str(run_dir), "--prompt", "The Tower of London", "--max-new-tokens", "4"])
+    assert text.strip() and text == greedy(run_dir, "The Tower of London", 4)
     lm_eval.main([str(run_dir), "--tasks", "tiny_mc", "--include-path", str(task_dir), "--checkpoint", "last"])
     acc = json.loads((run_dir / "lm_eval.json").read_text())["results"]["tiny_mc"]["acc,none"]
     [row] = report.main([str(run_dir), "--out", str(tmp_path / "report")])

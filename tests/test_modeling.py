@@ -10,20 +10,19 @@ import sys
 import pytest
 import torch
 
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from tsparse import TsparseConfig, TsparseForCausalLM
 from tsparse.checks import ConfigError
 from tsparse.modules.engram import EngramSpec, compressed_token_map, normalize_token_text
 from tsparse.modules.mhc import MHCSpec
 from tsparse.modules.peer import PEERSpec
-from tsparse.modules import perturb_
+from tsparse.modules.perturb import perturb_
 from tsparse.registry import params_by_group, trainable_groups
 
-from helpers import CaseTokenizer
+from helpers import CaseTokenizer, tiny_llama_config
 
-BASE = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
-                   num_key_value_heads=1, max_position_embeddings=64, eos_token_id=0, bos_token_id=0)
+BASE = tiny_llama_config(vocab_size=128, num_hidden_layers=4, pad_token_id=None)
 SPECS = {
     "engram": EngramSpec(layers=[0, 1], heads_per_order=2, dim_per_order=16, table_rows=101),
     "peer": PEERSpec(layers=[2, 3], num_experts=64, top_k=4, key_dim=8),

@@ -2,18 +2,19 @@
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from tsparse.checks import ConfigError
 from tsparse.hub import HubUnreachableError, hub_reachable
-from tsparse.models import base_with_modules
+from tsparse.build import base_with_modules
 from tsparse.tokenizer import train_bpe
+
+from helpers import TINY_ARCH, tiny_llama_config
 
 
 def test_local_hf_dir_loads_through_from_pretrained(tmp_path, wikitext_small):
     tok = train_bpe((wikitext_small / "train.txt").read_text(), 300)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=300, num_hidden_layers=2)).eval()
     model.save_pretrained(tmp_path / "hf")
     tok.save_pretrained(tmp_path / "hf")
     cfg = OmegaConf.create({"kind": "pretrained", "name_or_path": str(tmp_path / "hf"), "from_scratch": False,
@@ -44,7 +45,6 @@ def test_hub_model_offline_fails_fast(monkeypatch):
 
 def test_bad_dtype_is_a_config_error(wikitext_small, tmp_path):
     cfg = OmegaConf.create({"kind": "micro", "from_scratch": True, "dtype": "float8", "tokenizer_dir": str(tmp_path),
-                            "config": {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64,
-                                       "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}})
+                            "config": {**TINY_ARCH, "vocab_size": 300, "num_hidden_layers": 1}})
     with pytest.raises(ConfigError, match="model.dtype='float8' is not allowed"):
         base_with_modules(cfg, {}, 0, lambda: (wikitext_small / "train.txt").read_text())

@@ -1,5 +1,7 @@
 """Sparse-aware optimizer and clipping."""
 import copy
+
+import pytest
 import torch
 from torch import nn
 
@@ -63,12 +65,18 @@ def test_clipping_handles_sparse_and_dense_grads():
     assert table.grad.is_sparse
 
 
-def test_no_clipping_below_threshold_and_step_after_clipping():
+@pytest.mark.parametrize("max_norm,clipped", [(0.0, False), (1e9, False), (0.5, True)])
+def test_clipping_only_above_a_positive_max_norm_and_step_after_clipping(max_norm, clipped):
     table, dense, _ = sparse_setup()
-    norm = grad_norm_and_clip_([table, dense], max_norm=1e9)
+    grads = [table.grad.to_dense(), dense.grad.clone()]
+    norm = grad_norm_and_clip_([table, dense], max_norm=max_norm)
+    assert norm.item() > 1.0  # so that 0 (off) and 0.5 would both change the grads if they clipped
+    scale = max_norm / norm if clipped else 1.0
+    torch.testing.assert_close(table.grad.to_dense(), grads[0] * scale, rtol=1e-5, atol=0)
+    torch.testing.assert_close(dense.grad, grads[1] * scale, rtol=1e-5, atol=0)
     before = table.detach().clone()
     SparseAwareAdamW([table, dense], lr=0.1).step()
-    assert norm > 0 and not torch.equal(before, table.detach())
+    assert not torch.equal(before, table.detach())
 
 
 def test_tables_step_at_group_lr():

@@ -24,7 +24,8 @@ def test_wheel_ships_callbacks_and_configs(tmp_path, repo):
     wheel = next((tmp_path / "dist").glob("tsparse-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "tsparse/callbacks/phase_lr.py" in names and "tsparse/conf/train.yaml" in names
-    assert "tsparse/conf/experiment/diff_lr.yaml" in names
+    shipped = {n.removeprefix("tsparse/conf/") for n in names if n.startswith("tsparse/conf/") and n.endswith(".yaml")}
+    assert shipped == {str(p.relative_to(repo / "conf")) for p in (repo / "conf").rglob("*.yaml")}  # new groups too
     target = tmp_path / "target"
     zipfile.ZipFile(wheel).extractall(target)
     out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=tmp_path, capture_output=True, text=True,

@@ -9,15 +9,16 @@ import torch
 
 from tsparse import plan
 from tsparse.lit_module import next_token_loss
-from tsparse.models import architecture_model
-from tsparse.params import compose_config, count
+from tsparse.build import architecture_model
+from tsparse.config import compose_config
+from tsparse.params import count
 from tsparse.registry import trainable_groups
 
 MEASURE = """
 import json, resource, sys, torch
 from tsparse.bench.experts import train_step
-from tsparse.models import architecture_model
-from tsparse.params import compose_config
+from tsparse.build import architecture_model
+from tsparse.config import compose_config
 torch.set_num_threads(1)
 cfg = compose_config(sys.argv[1:])
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096

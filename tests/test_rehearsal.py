@@ -2,6 +2,7 @@
 import pytest
 
 from tsparse import rehearse
+from tsparse.stages import run_stage, stage_table
 
 
 @pytest.mark.slow
@@ -15,7 +16,7 @@ def test_rehearsal_at_tinyllama_shape(tmp_path, capsys):
 
 
 def test_stage_reports_failure_and_peak_rss(tmp_path):
-    ok = rehearse.run_stage("ok", ["-c", "x = bytearray(200 << 20); print('done')"], tmp_path)
-    bad = rehearse.run_stage("bad", ["-c", "raise SystemExit(3)"], tmp_path)
+    ok = run_stage("ok", ["-c", "x = bytearray(200 << 20); print('done')"], tmp_path)
+    bad = run_stage("bad", ["-c", "raise SystemExit(3)"], tmp_path)
     assert ok.ok and ok.note == "done" and ok.peak_rss > 200 << 20
-    assert not bad.ok and "| bad | FAILED |" in rehearse.stage_table([ok, bad])
+    assert not bad.ok and "| bad | FAILED |" in stage_table([ok, bad])

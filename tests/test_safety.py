@@ -16,8 +16,9 @@ from tsparse.bench.cli import check as bench_check
 from tsparse.checkpoint import load_checkpoint
 from tsparse.checks import ConfigError
 from tsparse.cli import precheck
-from tsparse.export import EXPORT_MARKER, check_export_target, main as export_main
+from tsparse.export import main as export_main
 from tsparse.rundir import LOCK_FILE, lock_run_dir
+from tsparse.saving import EXPORT_MARKER, check_export_target
 from tsparse.train import check as train_check
 
 from helpers import one_error_line, write_run
@@ -200,6 +201,10 @@ def test_check_export_target_accepts_new_and_empty_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     check_export_target(tmp_path / "empty", tmp_path / "run")
     check_export_target(tmp_path / "new" / "deeper", tmp_path / "run")
+    assert not (tmp_path / "new").exists() and not any((tmp_path / "empty").iterdir())  # a check creates nothing
+    (tmp_path / "empty" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds files that are not a tsparse export"):  # accepted for being empty
+        check_export_target(tmp_path / "empty", tmp_path / "run")
 
 
 # --- one run per run dir -----------------------------------------------------------------------------------------

@@ -5,9 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import tsparse.train as train_mod
 from tsparse.callbacks import PhaseLRCallback, parse_phases
 from tsparse.checks import ConfigError
 from tsparse.config import config_dir
+from tsparse.lit_module import CausalLMModule
 from tsparse.report import read_metrics
 from tsparse.train import run
 
@@ -46,9 +48,11 @@ def test_phase_callback_is_a_pure_function_of_step():
 
 
 @pytest.mark.parametrize("phases,needle", [
-    ([{"name": "x", "steps": 0, "lr": {"peer": 1e-3}}], "strategy.phases[0].steps=0 must be a positive integer"),
+    ([{"name": "x", "steps": 0, "lr": {"peer": 1e-3}}], "strategy.phases[0].steps=0 must be a positive number of steps"),
     ([{"name": "x", "steps": 5, "lr": {"brain": 1e-3}}], "unknown param group 'brain'"),
-    ([{"name": "x", "steps": 5, "lr": {"peer": -1.0}}], "strategy.phases[0].lr.peer=-1.0 must be a number >= 0"),
+    ([{"name": "x", "steps": 5, "lr": {"peer": -1.0}}], "strategy.phases[0].lr.peer=-1.0 must be a non-negative number"),
+    ([{"name": "x", "steps": 5, "lr": {"peer": True}}], "strategy.phases[0].lr.peer=True must be a non-negative number"),
+    ([{"name": "x", "steps": True, "lr": {"peer": 1e-3}}], "strategy.phases[0].steps=True must be a positive number"),
     ([{"name": "x", "steps": 5, "lr": {}, "frozen": ["heart"]}], "unknown param group 'heart'"),
     ([{"name": "x", "steps": 5, "lr": {"mhc_table": 1.0}}], "unknown param group 'mhc_table'"),
     ([{"name": "x", "steps": 5, "speed": 3}], "unknown keys ['speed']"),
@@ -70,8 +74,6 @@ def test_staggered_frozen_groups_do_not_move(tmp_path, triple):
             super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
             groups = {g["name"]: g["params"] for g in trainer.optimizers[0].param_groups}
             snapshots[trainer.global_step] = {k: [p.detach().clone() for p in v] for k, v in groups.items()}
-
-    import tsparse.train as train_mod
 
     original = train_mod.PhaseLRCallback
     train_mod.PhaseLRCallback = Snapshot
@@ -106,12 +108,23 @@ def test_resume_mid_phase_matches_uninterrupted_run(tmp_path, triple):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_runs_a_few_steps(experiment, tmp_path, wikitext_small, compose, nano, small_modules):
+def test_every_experiment_runs_a_few_steps(experiment, tmp_path, wikitext_small, compose, nano, small_modules,
+                                           monkeypatch):
+    modules = []
+    monkeypatch.setattr(train_mod, "CausalLMModule", lambda *args, **kwargs: modules.append(
+        CausalLMModule(*args, **kwargs)) or modules[-1])
     cfg = compose(nano(tmp_path, wikitext_small, f"+experiment={experiment}", *small_modules,
                        "trainer.max_steps=3", "trainer.val_check_interval=3", "test=false"))
     results = run(cfg)
     assert results["global_step"] == (3 if cfg.train else 0)
-    assert results["val/ppl"] == pytest.approx(math.exp(results["val/loss"]), rel=1e-4)  # a finite, consistent eval
+    # The mean NLL over every predicted token of the blocks validation saw, recomputed with the final weights.
+    [module] = modules
+    blocks = module.trainer.datamodule.blocks["validation"][:cfg.trainer.limit_val_batches * cfg.data.eval_batch_size]
+    with torch.no_grad():
+        logits = module.eval().model(input_ids=blocks, use_cache=False).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), blocks[:, 1:].flatten()).item()
+    assert results["val/loss"] == pytest.approx(nll, rel=1e-5)
+    assert results["val/ppl"] == pytest.approx(math.exp(nll), rel=1e-5)  # exp of the mean, not a mean of exps
 
 
 def test_schedule_longer_than_the_run_warns(tmp_path, triple):

@@ -2,8 +2,6 @@
 that names the key and what is allowed."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Iterable
 
 
@@ -49,22 +47,3 @@ def check_layers(key: str, layers: Iterable[Any]) -> None:
     layers = list(layers)
     if any(not is_int(i) or i < 0 for i in layers) or len(set(layers)) != len(layers):
         raise ConfigError(f"{key}={layers} must be distinct non-negative layer indices")
-
-
-def check_placement(specs: dict, num_layers: int) -> None:
-    """Every spec's `layers` lie inside a model of `num_layers` decoder layers."""
-    for kind, spec in specs.items():
-        bad = [i for i in spec.layers if i >= num_layers]
-        if bad:
-            raise ConfigError(f"{kind}.layers={spec.layers}: {bad} outside this model's layers [0, {num_layers - 1}]")
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from `path`, or one ConfigError line."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path} is not readable JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path} must hold a JSON object, not {type(value).__name__}")
-    return value

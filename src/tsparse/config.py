@@ -9,9 +9,9 @@ from typing import Iterator, get_args
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from tsparse.checks import (ConfigError, check_choice, check_count, check_min, check_placement,  # noqa: F401 (ConfigError re-exported)
+from tsparse.checks import (ConfigError, check_choice, check_count, check_min,  # noqa: F401 (ConfigError re-exported)
                             check_positive, is_int)
-from tsparse.registry import EXPERTS_KEY, KINDS
+from tsparse.registry import EXPERTS_KEY, KINDS, check_specs, default_layers
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 _CHECKOUT_ROOT = PACKAGE_DIR.parents[1]
@@ -40,7 +40,7 @@ def run_name(prefix: str, override_dirname: str) -> str:
 
 def register_resolvers() -> None:
     resolvers = (("tsparse_root", project_root), ("tsparse_run_name", run_name), ("tsparse_div", lambda a, b: int(a) // int(b)),
-                 ("tsparse_mul", lambda a, b: int(a) * int(b)))
+                 ("tsparse_mul", lambda a, b: int(a) * int(b)), ("tsparse_placement", default_layers))
     for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
@@ -51,11 +51,13 @@ register_resolvers()
 
 def register_schemas() -> None:
     """Each module kind's spec dataclass is the schema of its config group (`<kind>/schema`), so a
-    wrong type or an unknown key fails when Hydra composes the config; `module_kinds` (in the defaults
-    of train.yaml and bench.yaml) selects `<kind>: default` for every kind of the registry."""
+    wrong type or an unknown key fails when Hydra composes the config; `sparse=<kind>` attaches the kind
+    alone (`conf/sparse/*.yaml` hold the combinations); `module_kinds` (in the defaults of train.yaml
+    and bench.yaml) selects `<kind>: default` for every kind of the registry."""
     store = ConfigStore.instance()
     for name, kind in KINDS.items():
         store.store(group=name, name="schema", node=kind.spec)
+        store.store(group="sparse", name=name, node={"modules": [name]})
     store.store(name="module_kinds", node={"defaults": [{name: "default"} for name in KINDS]})
 
 
@@ -123,7 +125,7 @@ def validate(cfg: DictConfig) -> None:
     check_positive("optim.warmup_steps", cfg.optim.warmup_steps, allow_zero=True)
     check_positive("trainer.max_steps", cfg.trainer.max_steps)
     # the model config group gives the architecture (a base loaded from elsewhere is checked when it loads)
-    check_placement(module_specs(cfg), cfg.model.config.num_hidden_layers)
+    check_specs(module_specs(cfg), cfg.model.config.num_hidden_layers)
     if cfg.ckpt_path is not None and not isinstance(cfg.ckpt_path, str):
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} must be null, 'last', 'auto' or a path to a .ckpt file")
     if cfg.ckpt_path not in (None, "last", "auto") and Path(cfg.ckpt_path).is_dir():

@@ -11,8 +11,8 @@ from typing import Any
 
 from transformers import AutoConfig, LlamaConfig
 
-from tsparse.checks import ConfigError, check_placement
-from tsparse.registry import KINDS
+from tsparse.checks import ConfigError
+from tsparse.registry import KINDS, check_specs
 
 
 class TsparseConfig(LlamaConfig):
@@ -30,10 +30,7 @@ class TsparseConfig(LlamaConfig):
                 setattr(self, name, None)
         self.module_data = dict(self.module_data or {})
         specs = self.module_specs()  # validates every spec
-        check_placement(specs, self.num_hidden_layers)
-        attached = [name for name, spec in specs.items() if KINDS[name].attach(spec) == "residual"]
-        if len(attached) > 1:
-            raise ConfigError(f"only one kind may wrap the residual branch; {attached} all do")
+        check_specs(specs, self.num_hidden_layers)
         missing = [name for name in specs if KINDS[name].prepare is not None and name not in self.module_data]
         if missing:
             raise ConfigError(f"config lacks module_data for {missing} (build it with TsparseConfig.from_base; a "

@@ -2,7 +2,7 @@
 
     python -m tsparse.gpu_check [--experts 262144] [--work DIR]
 
-Stages, each in its own process (`rehearse.run_stage`): 3 steps of `+experiment=diff_lr` with trainer=gpu
+Stages, each in its own process (`stages.run_stage`): 3 steps of `+experiment=diff_lr` with trainer=gpu
 (bf16-mixed), eager and with `compile=true`; greedy generation from the eager run and its export, with and
 without the KV cache (same tokens); 3 steps of 2-GPU DDP over NCCL when two GPUs are visible; and
 `bench=tinyllama` with two expert counts and two repeats. Without CUDA it exits 2 with one `error:` line.
@@ -16,7 +16,7 @@ import torch
 
 from tsparse.cli import ArgumentParser, fail, positive_int
 from tsparse.config import project_root
-from tsparse.rehearse import call, in_work_dir, run_stage, stage_table, train_args
+from tsparse.stages import call, in_work_dir, run_stage, stage_table, train_args
 
 
 def gpu_check(work: Path, experts: int, data_dir: str) -> list:

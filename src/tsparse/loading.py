@@ -11,6 +11,7 @@ Each failure is one ConfigError line.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from pathlib import Path
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from tsparse.checkpoint import load_checkpoint, load_state_dict_strict, newest_valid_checkpoint
-from tsparse.checks import ConfigError, read_json
+from tsparse.checks import ConfigError
 from tsparse.hub import require_hub
 from tsparse.modeling_tsparse import MODULE_KEY_PATTERNS, TsparseForCausalLM
 from tsparse.registry import KINDS
@@ -31,6 +32,17 @@ MODEL_TYPES = ("tsparse_llama", "llama")
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or one ConfigError line."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} is not readable JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} must hold a JSON object, not {type(value).__name__}")
+    return value
 
 
 def read_config(model_dir: Path):

@@ -4,7 +4,7 @@
     python -m tsparse.plan model=tinyllama +experiment=diff_lr trainer=ddp_gpu trainer.devices=8 --device-gb 80
 
 The weights, gradients and optimizer state are counted exactly from the model built on the meta device
-(`models.architecture_model`): the frozen base has no gradient and no optimizer state; dense trainable
+(`build.architecture_model`): the frozen base has no gradient and no optimizer state; dense trainable
 parameters get a gradient of their dtype and AdamW's two fp32 moments (plus an fp32 master copy when they
 are not fp32); row-sparse tables get a gradient over the rows a batch can touch (PEER: heads x top-k per
 token, coalesced; Engram: one uncoalesced row per hash head and token) and row-wise AdaGrad's one fp32
@@ -28,12 +28,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from tsparse.checks import ConfigError, check_choice
-from tsparse.cli import ArgumentParser, one_line_errors, positive_int
+from tsparse.build import model_dtype
+from tsparse.checks import ConfigError, check_choice, check_count
+from tsparse.cli import ArgumentParser, one_line_errors
 from tsparse.distributed import row_sparse_tables
-from tsparse.models import DTYPES, architecture_model
-from tsparse.config import check_data, compose_config, expert_configs
 from tsparse.registry import params_by_group, trainable_groups
+from tsparse.sizing import add_sizing_arguments, meta_model, sized_configs
 
 GiB = 1 << 30
 FP32 = 4
@@ -45,8 +45,7 @@ HALF_TRUE = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
 def world_size(trainer: DictConfig) -> int:
     """Devices of a single-device or DDP run (`trainer.devices`, `trainer.strategy`)."""
     devices, strategy = trainer.get("devices", 1), trainer.get("strategy") or "auto"
-    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
-        raise ConfigError(f"trainer.devices={devices!r} must be a device count >= 1")
+    check_count("trainer.devices", devices, "devices")
     name = str(strategy.get("_target_", "ddp") if isinstance(strategy, DictConfig) else strategy)
     if "ddp" not in name.lower() and not (name == "auto" and devices == 1):
         raise ConfigError(f"trainer.strategy={name!r} is not planned; choose auto (1 device) or ddp")
@@ -87,19 +86,19 @@ def memory_plan(cfg: DictConfig) -> dict[str, int]:
     """Bytes per device of each item of a training step of `cfg` (see the module docstring), and the total."""
     precision = str(cfg.trainer.get("precision", "32-true"))
     check_choice("trainer.precision", precision, PRECISIONS)
-    check_choice("model.dtype", cfg.model.dtype, DTYPES)
+    base_dtype = model_dtype(cfg.model)
     world = world_size(cfg.trainer)
-    with torch.device("meta"):
-        model = architecture_model(cfg)
-        if cfg.optim.base == "lora":
-            from tsparse.lora import add_lora
+    model = meta_model(cfg)
+    if cfg.optim.base == "lora":
+        from tsparse.lora import add_lora
 
+        with torch.device("meta"):
             add_lora(model, cfg.optim.lora_rank)
     groups = params_by_group(model)
     tables = row_sparse_tables(model)
     table_ids = {id(p) for g, named in groups.items() if g.endswith("_table") for _, p in named}
     for p in model.parameters():  # model.dtype for all but the tables; a "-true" precision casts everything
-        dtype = HALF_TRUE.get(precision) or (p.dtype if id(p) in table_ids else DTYPES[cfg.model.dtype])
+        dtype = HALF_TRUE.get(precision) or (p.dtype if id(p) in table_ids else base_dtype)
         p.data = p.data.to(dtype)
     trainable = [p for ps in trainable_groups(model, cfg.optim.base).values() for p in ps]
     sparse_ids = {id(p) for p in tables.values()}
@@ -157,8 +156,7 @@ def table(columns: dict[str, dict[str, int]], markdown: bool) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, int]]:
     parser = ArgumentParser(prog="python -m tsparse.plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tinyllama trainer=gpu")
-    parser.add_argument("--experts", type=positive_int, nargs="+", help="one column per PEER expert count")
+    add_sizing_arguments(parser, "model=tinyllama trainer=gpu", each="column")
     parser.add_argument("--device-gb", type=float, help="device memory in GiB: add a fits / does-not-fit verdict")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = parser.parse_args(argv)
@@ -166,10 +164,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, int]]:
         parser.error(f"argument --device-gb: {args.device_gb} is not a positive number")
     columns = {}
     with one_line_errors():
-        cfg = compose_config(args.overrides)
-        check_data(cfg)
-        for experts, config in expert_configs(cfg, args.experts):
-            columns["no experts" if experts is None else f"{experts:,} experts"] = memory_plan(config)
+        for experts, cfg in sized_configs(args.overrides, args.experts):  # one config object, updated per row
+            columns["no experts" if experts is None else f"{experts:,} experts"] = memory_plan(cfg)
     trainer = OmegaConf.to_container(cfg.trainer)
     print(f"{cfg.model.name}, sparse={'+'.join(cfg.sparse.modules) or 'none'}, {trainer.get('precision')}, "
           f"{world_size(cfg.trainer)} device(s), batch {cfg.data.batch_size} x {cfg.data.block_size} per device; "

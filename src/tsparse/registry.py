@@ -2,8 +2,9 @@
 the decoder layer, the optimizer groups, the phase schedules, the statistics, the report, the Hydra
 schemas and the kind contract test all iterate `KINDS`.
 
-A new kind needs its module file (the nn.Module and its spec dataclass, in `tsparse.modules`), one entry
-here, `conf/<name>/default.yaml`, and an LR for each of its groups in the strategy phases.
+A new kind needs its module file (a `tsparse.modules.protocol.SparseModule` and its spec dataclass, in
+`tsparse.modules`), one entry here, `conf/<name>/default.yaml`, and an LR for each of its groups in the
+strategy phases (docs/adding-a-kind.md).
 """
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ class ModuleKind:
         key with another value, plus any key it depends on), checked by the kind contract test;
     prepare(spec, base_config, tokenizer, seed): derived data saved in the config's `module_data[name]`
         when a model is first built (e.g. hash multipliers), or None;
-    streams(spec): residual streams the model carries (1: a plain residual);
+    placement: its default layers per model (`model.name` -> layers; `conf/<name>/default.yaml` reads it
+        through the `tsparse_placement` resolver); on a model not listed, `<name>.layers` must be set;
+    streams(spec): residual streams the model carries (1: a plain residual; a "residual" kind needs >= 2);
     reduce(spec): the module that reduces those streams before the final norm.
     """
 
@@ -52,6 +55,7 @@ class ModuleKind:
     stats: tuple[str, ...]
     example: Callable[[], Any]
     variations: dict[str, dict[str, Any]]
+    placement: dict[str, tuple[int, ...]]
     prepare: Callable[[Any, Any, Any, int], dict] | None = None
     streams: Callable[[Any], int] = lambda spec: 1
     reduce: Callable[[Any], nn.Module] | None = None
@@ -94,6 +98,7 @@ KINDS: dict[str, ModuleKind] = {
                                "dim_per_order": {"dim_per_order": 8}, "table_rows": {"table_rows": 211},
                                "conv_kernel": {"conv_kernel": 2}, "compress_tokens": {"compress_tokens": True},
                                "table_dtype": {"table_dtype": "bfloat16"}, "sparse_grad": {"sparse_grad": False}},
+                   placement={"nano": (0, 1), "micro": (1, 2), "tinyllama": (1, 5)},
                    prepare=_engram_data),
         ModuleKind("peer", PEERSpec, lambda spec, config, layer: PEER(config.hidden_size, spec, config.rms_norm_eps),
                    lambda spec: "output", (PEER,), ("down.weight", "up.weight"),
@@ -102,7 +107,8 @@ KINDS: dict[str, ModuleKind] = {
                    variations={"num_experts": {"num_experts": 100}, "heads": {"heads": 3}, "top_k": {"top_k": 4},
                                "key_dim": {"key_dim": 6}, "gate": {"gate": "relu"}, "query_batchnorm": {"query_batchnorm": True},
                                "input_norm": {"input_norm": False}, "table_dtype": {"table_dtype": "bfloat16"},
-                               "sparse_grad": {"sparse_grad": False}}),
+                               "sparse_grad": {"sparse_grad": False}},
+                   placement={"nano": (2, 3), "micro": (6, 7), "tinyllama": (19, 21)}),
         ModuleKind("mhc", MHCSpec, _mhc, lambda spec: "residual" if spec.variant == "hyper" else "output",
                    (HyperConnection, GatedResidualAdapter, StreamReduce), (),
                    ("out_rms_ratio", "h_res_identity_dist", "h_post_std"),
@@ -111,6 +117,7 @@ KINDS: dict[str, ModuleKind] = {
                                "sinkhorn_iters": {"sinkhorn_iters": 3}, "alpha_init": {"alpha_init": 0.5},
                                "post_bias": {"post_bias": 0.3}, "res_diag_bias": {"res_diag_bias": 3.0},
                                "adapter_bottleneck": {"variant": "adapter", "adapter_bottleneck": 9}},
+                   placement={"nano": (1, 2), "micro": (3, 5, 6), "tinyllama": (7, 13, 17)},
                    streams=lambda spec: spec.num_streams,
                    reduce=lambda spec: StreamReduce(spec.num_streams, spec.reduce)),
     )
@@ -121,6 +128,31 @@ SPARSE_MODULE_TYPES: tuple[type[nn.Module], ...] = tuple(t for kind in KINDS.val
 EXPERTS_KEY = "peer.num_experts"
 # Output-RMS ratios logged between kinds: (numerator, denominator), e.g. the seed's "Engram crowds out PEER".
 RMS_COMPARISONS: tuple[tuple[str, str], ...] = (("engram", "peer"),)
+
+
+def default_layers(kind: str, model: str) -> list[int]:
+    """The kind's default layers on the model named `model` (empty where the registry gives none)."""
+    return list(KINDS[kind].placement.get(model, ()))
+
+
+def check_specs(specs: dict[str, Any], num_layers: int) -> None:
+    """The attached kinds' specs fit together and fit a model of `num_layers` decoder layers: each kind on
+    at least one layer, all inside the model; at most one kind around the residual branch, and that
+    kind carries several residual streams (with one stream the layer never calls it)."""
+    for name, spec in specs.items():
+        if not spec.layers:
+            raise ConfigError(f"{name}.layers is empty: {name} is attached but placed on no layer; set "
+                              f"{name}.layers=[...] (defaults exist for models {sorted(KINDS[name].placement)})")
+        if bad := [i for i in spec.layers if i >= num_layers]:
+            raise ConfigError(f"{name}.layers={list(spec.layers)}: {bad} outside this model's layers [0, {num_layers - 1}]")
+    residual = [name for name, spec in specs.items() if KINDS[name].attach(spec) == "residual"]
+    if len(residual) > 1:
+        raise ConfigError(f"only one kind may wrap the residual branch; {residual} all do")
+    for name in residual:
+        if KINDS[name].streams(specs[name]) < 2:
+            raise ConfigError(f"{name} wraps the residual branch (attach 'residual') but declares "
+                              f"{KINDS[name].streams(specs[name])} residual stream; a residual kind needs streams >= 2, "
+                              "or attach it at 'input' or 'output'")
 
 
 def kind_of(module: nn.Module) -> ModuleKind | None:

@@ -49,9 +49,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tsparse.registry import KINDS, RMS_COMPARISONS
-from tsparse.checks import ConfigError, read_json
+from tsparse.checks import ConfigError
 from tsparse.cli import ArgumentParser, one_line, one_line_errors
-from tsparse.loading import LM_EVAL_RESULTS
+from tsparse.loading import LM_EVAL_RESULTS, read_json
 from tsparse.rundir import set_aside, write_atomic
 
 REFERENCES = ("baseline", "finetune_control")

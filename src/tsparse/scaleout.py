@@ -11,17 +11,12 @@ from omegaconf import DictConfig
 
 from tsparse.cli import ArgumentParser, one_line_errors, positive_int
 from tsparse.distributed import row_sparse_tables
-from tsparse.models import architecture_model
-from tsparse.modules import TABLE_DTYPES
-from tsparse.config import check_data, compose_config, expert_configs, set_table_dtype
+from tsparse.modules.tables import TABLE_DTYPES
+from tsparse.config import set_table_dtype
 from tsparse.registry import trainable_groups
+from tsparse.sizing import add_sizing_arguments, meta_model, sized_configs
 
 INDEX_BYTES = 8  # one int64 row index per gathered row
-
-
-def meta_model(cfg: DictConfig) -> torch.nn.Module:
-    with torch.device("meta"):
-        return architecture_model(cfg)
 
 
 def table_traffic_bytes(cfg: DictConfig, world_size: int) -> int:
@@ -52,17 +47,14 @@ def checkpoint_bytes(cfg: DictConfig) -> int:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = ArgumentParser(prog="python -m tsparse.scaleout", description=__doc__.split("\n\n")[0])
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tinyllama sparse=peer")
-    parser.add_argument("--experts", type=positive_int, nargs="+", help="one row per PEER expert count")
+    add_sizing_arguments(parser, "model=tinyllama sparse=peer")
     parser.add_argument("--world", type=positive_int, nargs="+", default=[2, 8], help="ranks (default: 2 8)")
     parser.add_argument("--table-dtype", nargs="+", choices=list(TABLE_DTYPES), default=["float32"],
                         help="every kind's table dtype, one row each (default: float32)")
     args = parser.parse_args(argv)
     rows = []
     with one_line_errors():
-        cfg = compose_config(args.overrides)
-        check_data(cfg)
-        for experts, config in expert_configs(cfg, args.experts):
+        for experts, config in sized_configs(args.overrides, args.experts):
             for dtype in args.table_dtype:
                 set_table_dtype(config, dtype)
                 rows.append({"experts": experts, "table_dtype": dtype, "checkpoint": checkpoint_bytes(config),

@@ -21,12 +21,12 @@ from tsparse.cli import EXIT_DISK_FULL, EXIT_LOST_RANK, EXIT_NON_FINITE, EXIT_PR
 from tsparse.callbacks import (Preemption, PhaseLRCallback, TokenThroughput, check_phase_lrs, check_schedule_fits,
                                parse_phases)
 from tsparse.checkpoint import AtomicCheckpointIO, load_checkpoint, newest_valid_checkpoint
-from tsparse.checks import ConfigError, check_bool
+from tsparse.checks import ConfigError, check_bool, is_int
 from tsparse.config import check_trainer, config_dir, module_specs, to_container, validate
-from tsparse.export import check_export_target, save_model, save_run_model_card
+from tsparse.saving import check_export_target, save_model, save_run_model_card
 from tsparse.lit_module import CausalLMModule, NonFiniteError
 from tsparse.data import build_datamodule
-from tsparse.models import base_path, build_model
+from tsparse.build import base_path, build_model
 from tsparse.loggers import ResumableCSVLogger, use_wandb_offline_without_key
 from tsparse.registry import attached_groups, params_by_group
 from tsparse.rundir import LOCK_FILE, REPLACED, DiskFullError, lock_run_dir, remove_stale_temp_files, set_aside, write_atomic
@@ -108,7 +108,7 @@ def check(cfg: DictConfig) -> list:
     """Everything a run is refused for before anything is built or written, one line each; returns its phases."""
     validate(cfg)
     check_trainer(cfg.trainer)
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+    if not is_int(cfg.seed):
         raise ConfigError(f"seed={cfg.seed!r} must be an integer")
     for key in ("train", "test", "overwrite", "compile"):
         check_bool(key, cfg[key])

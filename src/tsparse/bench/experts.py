@@ -24,7 +24,7 @@ from omegaconf import DictConfig, open_dict
 
 from tsparse.bench.timing import interleaved, paired, rss_bytes, spread
 from tsparse.lit_module import compiled, next_token_loss
-from tsparse.models import architecture_model
+from tsparse.build import architecture_model
 from tsparse.optim import SparseAwareAdamW, grad_norm_and_clip_
 from tsparse.registry import param_counts_by_kind, trainable_groups
 

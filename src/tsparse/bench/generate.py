@@ -18,8 +18,8 @@ from omegaconf import DictConfig
 from tsparse.bench.timing import interleaved, paired
 from tsparse.config import compose_config
 from tsparse.modeling_tsparse import TsparseForCausalLM
-from tsparse.models import architecture_model
-from tsparse.modules import perturb_
+from tsparse.build import architecture_model
+from tsparse.modules.perturb import perturb_
 from tsparse.registry import KINDS
 
 

@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from tokenizers import Regex, normalizers
 from torch import Tensor
 
-from tsparse.checks import ConfigError, check_choice, check_layers, check_min
-from tsparse.modules import TABLE_DTYPES, rms_ratio
+from tsparse.checks import ConfigError, check_choice, check_layers, check_min, is_int
+from tsparse.modules.protocol import SparseModule
+from tsparse.modules.stats import rms_ratio
+from tsparse.modules.tables import TABLE_DTYPES
 
 # Multipliers are drawn below 2**31, so for ids below 2**32 every product fits in int64: no overflow.
 _MULTIPLIER_BOUND = 2**31
@@ -53,7 +55,7 @@ class EngramSpec:
         check_layers("engram.layers", self.layers)
         orders = list(self.orders)
         if not orders or len(set(orders)) != len(orders) or any(
-                not isinstance(n, int) or isinstance(n, bool) or n < 2 for n in orders):
+                not is_int(n) or n < 2 for n in orders):
             raise ConfigError(f"engram.orders={orders} must be distinct integers >= 2, e.g. [2, 3]")
         check_min("engram.heads_per_order", self.heads_per_order, 1)
         check_min("engram.dim_per_order", self.dim_per_order, 1)
@@ -161,7 +163,7 @@ class EngramState:
             self.ids, self.conv = self.ids[:, : -abs(tokens_to_remove)], self.conv[:, : -abs(tokens_to_remove)]
 
 
-class Engram(nn.Module):
+class Engram(SparseModule):
     """Hashed n-gram memory with a context gate (DeepSeek Engram, 2026).
 
     Per token t, with e_t the concatenation of all heads' rows (len(orders) * dim_per_order):
@@ -169,8 +171,7 @@ class Engram(nn.Module):
         alpha = sigmoid(sign(s) * sqrt(max(|s|, 1e-6)))    # differentiable signed sqrt
         v = alpha * W_V e,   y = v + SiLU(CausalDepthwiseConv(RMSNorm(v)))
     The caller adds y to the layer input. `multipliers` are the layer's hash multipliers
-    (`draw_multipliers`), `token_map` the optional compressed-token map. Set `track_stats = True`
-    to record `self.stats`.
+    (`draw_multipliers`), `token_map` the optional compressed-token map.
     """
 
     def __init__(self, dim: int, spec: EngramSpec, multipliers: Sequence[int], pad_id: int = 0,
@@ -185,8 +186,6 @@ class Engram(nn.Module):
         self.num_heads = len(orders) * spec.heads_per_order
         self.head_dim = spec.dim_per_order // spec.heads_per_order
         self.sparse_grad = spec.sparse_grad
-        self.track_stats = False
-        self.stats: dict[str, Tensor] = {}
 
         # Head j hashes order orders[j // heads_per_order] into rows offsets[j] .. offsets[j] + primes[j] - 1.
         # The hash buffers are derived (from the config), so they are not saved with the weights.

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tsparse.checks import check_choice, check_layers, check_min
-from tsparse.modules import rms_ratio
+from tsparse.modules.protocol import SparseModule
+from tsparse.modules.stats import rms_ratio
 from tsparse.modules.streams import REDUCE_MODES, Branch
 
 VARIANTS = ("hyper", "adapter")
@@ -71,7 +72,6 @@ def sinkhorn(logits: Tensor, iters: int = 20) -> Tensor:
     under EXP_SPREAD, else in the log domain, so that large logits never underflow a whole row.
     Ends on the column step, so column sums are 1 to rounding (that is what preserves the stream mean).
     """
-    check_min("sinkhorn_iters", iters, 1)
     with _no_autocast(logits.device.type):
         log_p = logits.float()
         log_p = log_p - log_p.amax(dim=(-2, -1), keepdim=True).detach()  # the result is shift-invariant
@@ -88,7 +88,7 @@ def sinkhorn(logits: Tensor, iters: int = 20) -> Tensor:
         return log_p.exp()
 
 
-class HyperConnection(nn.Module):
+class HyperConnection(SparseModule):
     """Manifold-constrained hyper-connection (DeepSeek mHC 2025) around one residual branch.
 
     With ``x~ = RMSNorm(flatten(x))``:
@@ -97,15 +97,12 @@ class HyperConnection(nn.Module):
     ``H_res = sinkhorn(a_res x~ phi_res + b_res)``.
     """
 
-    track_stats: bool = False
-
     def __init__(self, dim: int, spec: MHCSpec, norm_eps: float = 1e-5):
         super().__init__()
         check_min("dim", dim, 1)
         n = spec.streams
         self.dim, self.streams, self.sinkhorn_iters = dim, n, spec.sinkhorn_iters
         self.alpha_init, self.post_bias, self.res_diag_bias = spec.alpha_init, spec.post_bias, spec.res_diag_bias
-        self.stats: dict[str, Tensor] = {}
 
         self.norm = nn.RMSNorm(n * dim, eps=norm_eps)
         self.phi_pre = nn.Parameter(torch.empty(n * dim, n))
@@ -183,7 +180,7 @@ class HyperConnection(nn.Module):
         return f"dim={self.dim}, streams={self.streams}, sinkhorn_iters={self.sinkhorn_iters}"
 
 
-class GatedResidualAdapter(nn.Module):
+class GatedResidualAdapter(SparseModule):
     """The ORIGINAL SEED's 'mHC' (not real mHC), kept only so the seed's numbers can be compared.
 
     A zero-initialised gated bottleneck adapter added to the hidden state:
@@ -212,4 +209,7 @@ class GatedResidualAdapter(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         """Return the delta to add to ``h`` (zero at init)."""
-        return torch.sigmoid(self.gate(h)) * self.up(F.silu(self.down(h)))
+        delta = torch.sigmoid(self.gate(h)) * self.up(F.silu(self.down(h)))
+        if self.track_stats:
+            self.stats = {"out_rms_ratio": rms_ratio(delta, h)}
+        return delta

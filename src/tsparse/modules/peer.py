@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tsparse.checks import ConfigError, check_choice, check_layers, check_min
-from tsparse.modules import TABLE_DTYPES, rms_ratio
+from tsparse.modules.protocol import SparseModule
+from tsparse.modules.stats import rms_ratio
+from tsparse.modules.tables import TABLE_DTYPES
 from tsparse.modules.peer_kernels import SubKeyTopK, mix_experts
 
 GATES = ("softmax", "relu")
@@ -53,8 +55,13 @@ class PEERSpec:
         check_choice("peer.gate", self.gate, GATES)
         check_choice("peer.table_dtype", self.table_dtype, TABLE_DTYPES)
 
+    @property
+    def side(self) -> int:
+        """sqrt(num_experts): the sub-keys per half-query (num_experts is checked a perfect square)."""
+        return math.isqrt(self.num_experts)
 
-class PEER(nn.Module):
+
+class PEER(SparseModule):
     """Parameter-efficient expert retrieval (He 2024): product-key top-k over N single-neuron experts.
 
     Expert i is one neuron with a down vector u_i and an up vector v_i (two N x dim tables shared by
@@ -71,7 +78,7 @@ class PEER(nn.Module):
     def __init__(self, dim: int, spec: PEERSpec, norm_eps: float = 1e-5):
         super().__init__()
         check_min("dim", dim, 1)
-        self.dim, self.num_experts, self.side = dim, spec.num_experts, experts_side(spec.num_experts)
+        self.dim, self.num_experts, self.side = dim, spec.num_experts, spec.side
         self.heads, self.top_k, self.key_dim = spec.heads, spec.top_k, spec.key_dim
         self.gate, self.input_norm, self.sparse_grad, self.norm_eps = spec.gate, spec.input_norm, spec.sparse_grad, norm_eps
         heads, key_dim, num_experts, side = spec.heads, spec.key_dim, spec.num_experts, self.side
@@ -84,8 +91,6 @@ class PEER(nn.Module):
         self.down = nn.Embedding(num_experts, dim, sparse=spec.sparse_grad, dtype=table_dtype)  # u_i
         self.up = nn.Embedding(num_experts, dim, sparse=spec.sparse_grad, dtype=table_dtype)    # v_i
 
-        self.track_stats = False
-        self.stats: dict[str, Tensor] = {}
         self.register_buffer("usage_counts", torch.zeros(num_experts, dtype=torch.long), persistent=False)
         self.reset_parameters()
 
@@ -164,12 +169,12 @@ class PEER(nn.Module):
         counts = self.usage_counts.float()
         total = counts.sum()
         if total == 0:
-            return {"usage_fraction": 0.0, "usage_entropy": 0.0}
+            return {}
         p = counts[counts > 0] / total
         entropy = -(p * p.log()).sum() / math.log(self.num_experts) if self.num_experts > 1 else p.new_zeros(())
         return {"usage_fraction": (counts > 0).float().mean().item(), "usage_entropy": entropy.clamp(0, 1).item()}
 
-    def reset_usage(self):
+    def reset_usage(self) -> None:
         self.usage_counts.zero_()
 
     def extra_repr(self) -> str:

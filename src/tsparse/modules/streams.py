@@ -9,7 +9,6 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from tsparse.checks import check_choice, check_min
 
 Branch = Callable[[Tensor], Tensor]
 REDUCE_MODES = ("mean", "learned")
@@ -17,20 +16,17 @@ REDUCE_MODES = ("mean", "learned")
 
 def expand_streams(h: Tensor, n: int) -> Tensor:
     """Copy the embedding ``[B, T, d]`` into ``n`` identical streams ``[B, T, n, d]``."""
-    check_min("streams", n, 1)
     return h.unsqueeze(-2).expand(*h.shape[:-1], n, h.shape[-1]).contiguous()
 
 
 class StreamReduce(nn.Module):
-    """Reduce n streams to one before the final norm.
+    """Reduce n streams to one before the final norm (built from a checked spec: n >= 2, mode in REDUCE_MODES).
 
     'mean' is fixed; 'learned' is a weighted sum with weights init 1/n, so equal to mean at init.
     """
 
     def __init__(self, streams: int, mode: str = "mean"):
         super().__init__()
-        check_min("streams", streams, 1)
-        check_choice("reduce", mode, REDUCE_MODES)
         self.streams, self.mode = streams, mode
         self.weight = nn.Parameter(torch.empty(streams)) if mode == "learned" else None
         self.reset_parameters()

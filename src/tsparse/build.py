@@ -1,6 +1,7 @@
 """Models from configs, the one path for train, params, plan and the benches: `build_model` (the run's base,
 a fresh micro LLaMA, TinyLlama or any local HF checkpoint, with the configured sparse modules attached, and
-its tokenizer) and `architecture_model` (the configured architecture at random init, nothing loaded)."""
+its tokenizer), `architecture_model` (the configured architecture at random init, nothing loaded) and
+`model_dtype` (the one check of `model.dtype`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,6 +22,12 @@ from tsparse.tokenizer import load_or_train_bpe
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def model_dtype(cfg: DictConfig) -> torch.dtype:
+    """The torch dtype that `model.dtype` names (`cfg` is the `model` group), or one ConfigError line."""
+    check_choice("model.dtype", cfg.dtype, DTYPES)
+    return DTYPES[cfg.dtype]
+
+
 def base_path(cfg: DictConfig) -> str:
     """`model.name_or_path`: a local HF dir, or a hub id (fails fast offline)."""
     path = str(cfg.name_or_path)
@@ -38,8 +45,7 @@ def base_with_modules(cfg: DictConfig, specs: dict, hash_seed: int, train_text: 
     """(model, tokenizer): the base of `cfg` (the `model` group) with `specs` attached. A pretrained
     base is loaded with `from_pretrained`, so the modules start fresh and the model is an identity of
     it; `model.from_scratch` builds a micro LLaMA with a BPE tokenizer trained on `train_text()`."""
-    check_choice("model.dtype", cfg.dtype, DTYPES)
-    dtype = DTYPES[cfg.dtype]
+    dtype = model_dtype(cfg)
     if cfg.from_scratch:
         if cfg.kind != "micro":
             raise ConfigError(f"model.from_scratch=true needs model=micro, got model.kind={cfg.kind!r}")

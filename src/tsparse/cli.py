@@ -29,7 +29,7 @@ BAD_INPUT = (ConfigError, HubUnreachableError, OmegaConfBaseException, HydraExce
 _DETAIL = ("full_key:", "object_type=", "reference_type=")
 
 
-# Exit codes a scheduler or sweep can act on (README, "Faults"): 0 done; resume with ckpt_path=auto on 75 and 76.
+# Exit codes a scheduler or sweep can act on (docs/reliability.md#faults): 0 done; resume with ckpt_path=auto on 75 and 76.
 EXIT_BAD_INPUT = 2      # one `error:` line, nothing written
 EXIT_NON_FINITE = 3     # optim.on_non_finite=stop: a NaN/inf loss or gradient
 EXIT_DISK_FULL = 74     # EX_IOERR: a write did not fit; the previous checkpoint is intact

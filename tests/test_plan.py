@@ -126,7 +126,7 @@ def test_cli_prints_a_markdown_table_and_a_verdict(capsys):
 @pytest.mark.parametrize("argv, needle", [
     (["trainer.precision=64-true"], "trainer.precision='64-true' is not allowed"),
     (["trainer=fsdp"], "is not planned; choose auto (1 device) or ddp"),
-    (["trainer.devices=auto"], "trainer.devices='auto' must be a device count"),
+    (["trainer.devices=auto"], "trainer.devices='auto' must be a positive number of devices"),
     (["--device-gb", "0"], "--device-gb: 0.0 is not a positive number"),
     (["model=nope"], "Could not find 'model/nope'"),
 ])

@@ -133,3 +133,15 @@ def test_block_size_beyond_model_context_is_rejected(tmp_path, wikitext_small, c
     with pytest.raises(ConfigError, match=r"data.block_size=512 exceeds the model context \(256\)"):
         run(compose(nano(tmp_path, wikitext_small, "data.block_size=512", "optim.base=finetune")))
     assert not list(tmp_path.glob("**/results.json")) and not list(tmp_path.glob("**/*.ckpt"))
+
+
+def test_a_long_command_line_gives_a_short_stable_run_name():
+    """A run name over MAX_RUN_NAME (which the filesystem would refuse as a folder) keeps its start and ends
+    with a hash of the whole name: stable for the same overrides, different for others."""
+    from tsparse.config import MAX_RUN_NAME, run_name
+
+    overrides = ",".join(f"trainer.key{i}=value{i}" for i in range(30))
+    name = run_name("diff_lr", overrides)
+    assert len(name) == MAX_RUN_NAME and name.startswith("diff_lr,trainer.key0=value0")
+    assert run_name("diff_lr", overrides) == name != run_name("diff_lr", overrides + ",seed=1")
+    assert run_name("diff_lr", "seed=1") == "diff_lr,seed=1"

@@ -164,3 +164,24 @@ def test_stats_are_the_declared_ones(kind, tiny_model):
     for key, module in modules.items():
         assert set(module.stats) | set(module.usage_summary()) == set(kind.stats), key
         assert all(torch.isfinite(torch.as_tensor(v)).all() for v in module.stats.values()), key
+
+
+def test_a_residual_kind_on_one_stream_is_refused(monkeypatch):
+    """The decoder layer calls a "residual" kind only with several streams: declaring one is refused."""
+    from tsparse.modules.mhc import MHCSpec
+    from tsparse.registry import check_specs
+
+    monkeypatch.setitem(KINDS, "mhc", dataclasses.replace(KINDS["mhc"], streams=lambda spec: 1))
+    with pytest.raises(ValueError, match=r"mhc wraps the residual branch .* needs streams >= 2"):
+        check_specs({"mhc": MHCSpec(layers=[1])}, 3)
+
+
+def test_a_kind_without_a_placement_is_refused_only_when_attached(compose, nano, tmp_path):
+    """On a model the registry gives no default layers, composing works; attaching the kind needs its layers."""
+    from tsparse.config import module_specs, validate
+
+    cfg = compose(nano(tmp_path, tmp_path, "model.name=mine"))
+    validate(cfg)  # nothing attached: fine
+    with pytest.raises(ValueError, match=r"peer.layers is empty: peer is attached but placed on no layer"):
+        validate(compose(nano(tmp_path, tmp_path, "model.name=mine", "sparse=peer")))
+    assert module_specs(compose(nano(tmp_path, tmp_path, "model.name=mine", "sparse=peer", "peer.layers=[1]")))["peer"].layers == [1]

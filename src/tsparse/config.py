@@ -1,6 +1,7 @@
 """Hydra resolvers, config location and value validation (one clear line per bad key)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -32,10 +33,17 @@ def project_root() -> str:
     return os.getcwd()
 
 
+MAX_RUN_NAME = 200  # bytes; filesystems allow 255 per path component
+
+
 def run_name(prefix: str, override_dirname: str) -> str:
-    """A filesystem-safe run name from the experiment name and the command-line overrides."""
+    """A filesystem-safe run name from the experiment name and the command-line overrides; one longer than
+    MAX_RUN_NAME keeps its start and ends with a hash of the whole name, so it stays unique and stable."""
     overrides = re.sub(r"[^A-Za-z0-9_.,=+-]+", "_", override_dirname.replace("/", "."))
-    return f"{prefix},{overrides}" if overrides else prefix
+    name = f"{prefix},{overrides}" if overrides else prefix
+    if len(name) > MAX_RUN_NAME:
+        name = f"{name[:MAX_RUN_NAME - 13]},{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+    return name
 
 
 def register_resolvers() -> None:

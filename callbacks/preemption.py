@@ -44,8 +44,7 @@ class Preemption(L.Callback):
         self._previous.clear()
 
     def _record(self, signum: int, frame) -> None:
-        log.info("received %s: stopping after this step", signal.Signals(signum).name)
-        self.received = self.received or signum
+        self.received = self.received or signum  # only a flag: a handler may interrupt code that holds locks
 
     @property
     def signal_name(self) -> str:
@@ -58,6 +57,7 @@ class Preemption(L.Callback):
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         self.step, self.saved = trainer.global_step, self.ckpt_dir / "last.ckpt"
+        log.info("%s: saving step %d to %s and stopping", self.signal_name, self.step, self.saved)
         trainer.save_checkpoint(self.saved, weights_only=False)  # the whole state: optimizer and loops too
         trainer.should_stop = True
         epoch_loop = trainer.fit_loop.epoch_loop

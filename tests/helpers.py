@@ -78,3 +78,20 @@ def logged_train_steps(run_dir) -> list[int]:
     """The step of every train/loss row of the run's csv/metrics.csv, repeats included."""
     with open(run_dir / "csv" / "metrics.csv", newline="") as f:
         return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def autograd_saved_bytes(model, ids) -> int:
+    """Bytes of the tensors autograd saves (parameters left out) in a training forward of `model` on `ids`."""
+    from tsparse.lit_module import next_token_loss
+
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage()._cdata not in params:
+            saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        next_token_loss(model, ids)
+    return sum(saved.values())

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from tsparse import plan
-from tsparse.lit_module import next_token_loss
 from tsparse.build import architecture_model
 from tsparse.config import compose_config
 from tsparse.params import count
 from tsparse.registry import trainable_groups
+
+from helpers import autograd_saved_bytes
 
 MEASURE = """
 import json, resource, sys, torch
@@ -80,19 +81,9 @@ def test_saved_activation_formulas_match_autograd(overrides, one_thread):
     torch.manual_seed(0)
     model = architecture_model(cfg).train()
     trainable_groups(model, cfg.optim.base)
-    params = {p.untyped_storage()._cdata for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage()._cdata not in params:
-            saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-        return t
-
     ids = torch.randint(0, cfg.model.config.vocab_size, (2, 64))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        next_token_loss(model, ids)
     per_token, per_step = plan.saved_bytes(model, 64, 4)
-    assert per_token * ids.numel() + per_step == pytest.approx(sum(saved.values()), rel=0.03)
+    assert per_token * ids.numel() + per_step == pytest.approx(autograd_saved_bytes(model, ids), rel=0.03)
 
 
 def measured_peak(overrides: list[str]) -> int:

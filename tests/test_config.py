@@ -136,12 +136,15 @@ def test_block_size_beyond_model_context_is_rejected(tmp_path, wikitext_small, c
 
 
 def test_a_long_command_line_gives_a_short_stable_run_name():
-    """A run name over MAX_RUN_NAME (which the filesystem would refuse as a folder) keeps its start and ends
-    with a hash of the whole name: stable for the same overrides, different for others."""
+    """A run name over MAX_RUN_NAME (which the filesystem would refuse as a folder) keeps its start, a hash of
+    the rest and its `seed=N` part: stable for the same overrides, different for others, and the seeds of
+    one cell still form one report group."""
     from tsparse.config import MAX_RUN_NAME, run_name
+    from tsparse.report import group_name
 
     overrides = ",".join(f"trainer.key{i}=value{i}" for i in range(30))
-    name = run_name("diff_lr", overrides)
-    assert len(name) == MAX_RUN_NAME and name.startswith("diff_lr,trainer.key0=value0")
-    assert run_name("diff_lr", overrides) == name != run_name("diff_lr", overrides + ",seed=1")
+    name = run_name("diff_lr", overrides + ",seed=1")
+    assert len(name) == MAX_RUN_NAME and name.startswith("diff_lr,trainer.key0=value0") and name.endswith(",seed=1")
+    assert run_name("diff_lr", overrides + ",seed=1") == name != run_name("diff_lr", overrides + ",x=1,seed=1")
+    assert group_name(name, "diff_lr") == group_name(run_name("diff_lr", overrides + ",seed=2"), "diff_lr")
     assert run_name("diff_lr", "seed=1") == "diff_lr,seed=1"

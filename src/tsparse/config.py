@@ -34,15 +34,21 @@ def project_root() -> str:
 
 
 MAX_RUN_NAME = 200  # bytes; filesystems allow 255 per path component
+SEED_PART = re.compile(r"seed=\d+")   # a run name part that only changes the seed (tsparse.report groups by the rest)
 
 
 def run_name(prefix: str, override_dirname: str) -> str:
-    """A filesystem-safe run name from the experiment name and the command-line overrides; one longer than
-    MAX_RUN_NAME keeps its start and ends with a hash of the whole name, so it stays unique and stable."""
+    """A filesystem-safe run name from the experiment name and the command-line overrides. One longer than
+    MAX_RUN_NAME keeps its start, then a hash of everything but its `seed=N` parts, then those parts: short,
+    stable, unique, and the seeds of one cell still group together in the report."""
     overrides = re.sub(r"[^A-Za-z0-9_.,=+-]+", "_", override_dirname.replace("/", "."))
     name = f"{prefix},{overrides}" if overrides else prefix
     if len(name) > MAX_RUN_NAME:
-        name = f"{name[:MAX_RUN_NAME - 13]},{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+        parts = name.split(",")
+        seeds = ",".join(p for p in parts if SEED_PART.fullmatch(p))
+        rest = ",".join(p for p in parts if not SEED_PART.fullmatch(p))
+        tail = f",{hashlib.sha1(rest.encode()).hexdigest()[:12]}" + (f",{seeds}" if seeds else "")
+        name = rest[:MAX_RUN_NAME - len(tail)] + tail
     return name
 
 

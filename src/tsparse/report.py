@@ -51,13 +51,13 @@ from omegaconf.errors import OmegaConfBaseException
 from tsparse.registry import KINDS, RMS_COMPARISONS
 from tsparse.checks import ConfigError
 from tsparse.cli import ArgumentParser, one_line, one_line_errors
+from tsparse.config import SEED_PART
 from tsparse.loading import LM_EVAL_RESULTS, read_json
 from tsparse.rundir import set_aside, write_atomic
 
 REFERENCES = ("baseline", "finetune_control")
 METRICS = {"val_ppl": "val/ppl", "test_ppl": "test/ppl", "test_word_ppl": "test/word_ppl"}
 LM_EVAL = "lm_eval/"  # prefix of the lm-eval columns: lm_eval/<task>/<metric>
-SEED_PART = re.compile(r"seed=\d+")
 MANIFEST = ".tsparse-report.json"  # in --out: name -> sha256 of each file the report wrote there
 
 

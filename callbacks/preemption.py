@@ -17,7 +17,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Preemption(L.Callback):
-    """Records SIGTERM/SIGUSR1 from the moment it is created (`install`) instead of dying or letting
+    """Records SIGTERM/SIGUSR1 from `install()` on, instead of dying or letting
     Lightning exit 0 without a checkpoint. After each training step every rank votes with one dense
     all-reduce, so all ranks stop at the same step even when only one got the signal; they then write
     `ckpt_dir/last.ckpt` at that step (rank 0 writes a DDP checkpoint) and stop. Under SLURM, rank 0

@@ -84,7 +84,7 @@ def atomic_file(path: str | Path, needed: Callable[[], int] | None = None) -> It
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException as err:
         written = Path(tmp).stat().st_size if Path(tmp).exists() else 0
@@ -114,7 +114,8 @@ def remove_stale_temp_files(folder: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set back at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -15,7 +15,7 @@ from torch import nn
 from tsparse.checks import ConfigError
 from tsparse.loading import MODEL_SUBDIR
 from tsparse.modeling_tsparse import TsparseForCausalLM
-from tsparse.rundir import fsync_dir, fsync_tree, set_aside
+from tsparse.rundir import current_umask, fsync_dir, fsync_tree, set_aside
 
 EXPORT_MARKER = "tsparse_export.json"
 
@@ -39,8 +39,7 @@ def check_export_target(target: str | Path, run_dir: str | Path, overwrite: bool
 
 def apply_umask(folder: Path) -> None:
     """Give `folder` and its files the user's normal modes (mkdtemp makes 0700, some writers 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     folder.chmod(0o777 & ~umask)
     for path in folder.rglob("*"):
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

@@ -185,22 +185,23 @@ def run(cfg: DictConfig) -> dict:
         log.info("%s already finished (ckpt_path=auto): keeping its results.json", run_dir)
         print_summary(cfg, results)
         return results
-    preemption = Preemption(cfg.paths.ckpt_dir)
+    ckpt_dir = Path(cfg.paths.ckpt_dir)
+    preemption = Preemption(ckpt_dir)
     preemption.install()
     try:
-        return train_and_test(cfg, phases, run_dir, preemption)
+        return train_and_test(cfg, phases, run_dir, ckpt_dir, preemption)
     finally:
         preemption.restore()
 
 
-def train_and_test(cfg: DictConfig, phases: list, run_dir: Path, preemption: Preemption) -> dict:
+def train_and_test(cfg: DictConfig, phases: list, run_dir: Path, ckpt_dir: Path, preemption: Preemption) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
         lock_run_dir(run_dir)
-        if Path(cfg.paths.ckpt_dir).is_dir():
-            remove_stale_temp_files(Path(cfg.paths.ckpt_dir))  # a write cut short by a kill
-    ckpt_path, resume_step = resolve_ckpt_path(cfg, Path(cfg.paths.ckpt_dir)) if cfg.train else (None, 0)
-    if ckpt_path is None and rank_zero_only.rank == 0 and (aside := set_aside_previous_run(run_dir, Path(cfg.paths.ckpt_dir))):
+        if ckpt_dir.is_dir():
+            remove_stale_temp_files(ckpt_dir)  # a write cut short by a kill
+    ckpt_path, resume_step = resolve_ckpt_path(cfg, ckpt_dir) if cfg.train else (None, 0)
+    if ckpt_path is None and rank_zero_only.rank == 0 and (aside := set_aside_previous_run(run_dir, ckpt_dir)):
         log.info("fresh start in a used run dir: moved the previous run to %s", ", ".join(map(str, aside)))
     write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
@@ -290,7 +291,7 @@ def lost_rank(err: BaseException) -> str | None:
         return None
     rank, world = dist.get_rank(), dist.get_world_size()
     who = f"rank {1 - rank}" if world == 2 else "a rank other than this one"
-    line = next(line for line in text.splitlines() + [text] if re.search(LOST_PEER, line))
+    line = next(line for line in text.splitlines() if re.search(LOST_PEER, line))
     reason = re.sub(r"^\[[^\]]*:\d+\]\s*", "", line.strip()).split(". ")[0]  # gloo's source-location prefix
     return f"{who} of {world} exited ({reason}); resume with ckpt_path=last"
 

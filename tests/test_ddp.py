@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from tsparse.checkpoint import load_checkpoint
 from tsparse.checks import ConfigError
 from tsparse.distributed import average_row_sparse_grads_, shard_
 from tsparse.nccl_rules import BACKEND, SparseCollectiveError, register
@@ -70,8 +71,8 @@ def results(tmp_path, name):
 
 
 def tables(tmp_path, name, checkpoint="last.ckpt") -> dict[str, torch.Tensor]:
-    """The PEER and Engram tables of a run's checkpoint."""
-    state = torch.load(tmp_path / name / "run" / "checkpoints" / checkpoint, weights_only=True)["state_dict"]
+    """The PEER and Engram tables of a run's checkpoint (whole, also when sharded: `load_checkpoint`)."""
+    state = load_checkpoint(tmp_path / name / "run" / "checkpoints" / checkpoint, tables=True)["state_dict"]
     return {k: v.float() for k, v in state.items() if k.endswith((".down.weight", ".up.weight", ".table.weight"))}
 
 
@@ -193,6 +194,7 @@ def test_fsdp2_collectives_all_go_through_the_nccl_rules_group(tmp_path):
 
 TRIPLE_STAGGERED = ("sparse=triple", "strategy=staggered", "strategy.phase_steps=2")
 BF16_TABLES = ("peer.table_dtype=bfloat16", "engram.table_dtype=bfloat16")
+SHARDED = ("tables=sharded",)
 
 
 @pytest.mark.parametrize("trainer, extra, nan", [  # joint (about 30 s on 2 cores each) is in the fast suite
@@ -201,7 +203,12 @@ BF16_TABLES = ("peer.table_dtype=bfloat16", "engram.table_dtype=bfloat16")
     pytest.param("ddp_nccl_rules", ("optim.on_non_finite=skip",), True, id="skip", marks=pytest.mark.slow),
     pytest.param("ddp_nccl_rules", BF16_TABLES, False, id="bf16-tables", marks=pytest.mark.slow),
     pytest.param("fsdp2_nccl_rules", (), False, id="fsdp2-joint"),
-    pytest.param("fsdp2_nccl_rules", TRIPLE_STAGGERED, False, id="fsdp2-staggered", marks=pytest.mark.slow)])
+    pytest.param("fsdp2_nccl_rules", TRIPLE_STAGGERED, False, id="fsdp2-staggered", marks=pytest.mark.slow),
+    pytest.param("ddp_nccl_rules", SHARDED, False, id="sharded-joint"),
+    pytest.param("ddp_nccl_rules", (*SHARDED, *TRIPLE_STAGGERED), False, id="sharded-staggered", marks=pytest.mark.slow),
+    pytest.param("ddp_nccl_rules", (*SHARDED, *BF16_TABLES), False, id="sharded-bf16", marks=pytest.mark.slow),
+    pytest.param("ddp_nccl_rules", (*SHARDED, "optim.on_non_finite=skip"), True, id="sharded-skip", marks=pytest.mark.slow),
+    pytest.param("fsdp2_nccl_rules", SHARDED, False, id="sharded-fsdp2", marks=pytest.mark.slow)])
 def test_ddp_two_processes_equal_one_process_with_the_global_batch(trainer, extra, nan, tmp_path, wikitext_small,
                                                                    cli_args, repo):
     """Rank r reads positions r, r+2, ... of the same step-indexed stream, so 2 ranks x batch 4 see the

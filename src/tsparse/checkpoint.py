@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+import shutil
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from tsparse.checks import ConfigError
 from tsparse.rundir import atomic_file
+from tsparse.sharding import KEY as SHARDED_TABLES, read_tables
 
 log = logging.getLogger("tsparse")
 
@@ -39,15 +42,42 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     checkpoint's own folder, fsync, `os.replace` (`rundir.atomic_file`). Lightning's own writer stages in
     a temp dir and copies over the target when the two lie on different filesystems, so a full disk or a
     kill left a truncated last.ckpt. On a full disk the previous file stays intact and DiskFullError names
-    the path and the bytes needed."""
+    the path and the bytes needed.
+
+    Under `tables=sharded` every rank has already written its table rows into a DCP folder (`sharding.
+    save_tables`); it is renamed to `<file name>.tables-<random>` and the file, written last, names it, so
+    a kill at any point leaves the previous file and its folder whole. The file's older folders go after."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        if (record := checkpoint.get(SHARDED_TABLES)) is not None:
+            tables = f"{path.name}.tables-{uuid.uuid4().hex[:12]}"
+            Path(record["dir"]).rename(path.parent / tables)
+            record["dir"] = tables
         with atomic_file(path, needed=lambda: tensor_bytes(checkpoint)) as f:
             torch.save(checkpoint, f)
+        remove_table_folders(path, keep=record["dir"] if record is not None else None)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return load_checkpoint(path)
+
+    def remove_checkpoint(self, path) -> None:
+        super().remove_checkpoint(path)
+        remove_table_folders(Path(path))
+
+
+def remove_table_folders(path: Path, keep: str | None = None) -> None:
+    """Remove the table folders of checkpoint `path` (`<name>.tables-*`, which only tsparse writes), but `keep`."""
+    for folder in path.parent.glob(f"{glob_escape(path.name)}.tables-*"):
+        if folder.name != keep and folder.is_dir():
+            shutil.rmtree(folder)
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def tensor_bytes(obj) -> int:
@@ -69,7 +99,7 @@ def newest_valid_checkpoint(ckpt_dir: Path) -> Path | None:
     candidates = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: (p.name == "last.ckpt", p.stat().st_mtime), reverse=True)
     for path in candidates:
         try:
-            check_checkpoint(path)
+            load_checkpoint(path, mmap=True)
             return path
         except ConfigError as err:
             log.warning("skipping %s", err)
@@ -86,12 +116,24 @@ def refused_global(err: pickle.UnpicklingError) -> str:
     return reason[1].split(" Please use")[0].strip() if reason else "an object weights-only loading does not allow"
 
 
-def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+def load_checkpoint(path: str | Path, mmap: bool = False, tables: bool = False) -> dict:
     """`torch.load(weights_only=True)` a Lightning checkpoint on CPU: tensors and plain containers only, so
     nothing inside the file runs. A file whose pickle asks for more (a class, a function call) is refused,
     and a corrupt or truncated one reported, in one ConfigError line. `mmap` maps the tensors instead of
-    reading them (a cheap safety check before Lightning loads the file)."""
+    reading them (a cheap safety check before Lightning loads the file). The tables folder of a sharded
+    checkpoint must be complete; `tables` reads its whole tables into the state dict (one process)."""
     check_checkpoint(path)
+    checkpoint = read_checkpoint(Path(path), mmap)
+    if (record := checkpoint.get(SHARDED_TABLES)) is not None:
+        record["dir"] = str(Path(path).parent / record["dir"])
+        if not (Path(record["dir"]) / ".metadata").is_file():
+            raise ConfigError(f"checkpoint {path} is incomplete: its tables folder {record['dir']} is missing or unfinished")
+        if tables:
+            read_tables(checkpoint)
+    return checkpoint
+
+
+def read_checkpoint(path: Path, mmap: bool) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:

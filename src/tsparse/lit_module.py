@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from pathlib import Path
 from typing import Callable
 
 import lightning as L
@@ -17,6 +18,7 @@ from tsparse.distributed import (average_dense_grads_, average_row_sparse_grads_
                                  shard_)
 from tsparse.registry import trainable_groups
 from tsparse.optim import SparseAwareAdamW, grad_norm_and_clip_
+from tsparse.sharding import new_group, restore_tables, save_tables, shard_tables_
 
 
 def next_token_loss(model: nn.Module, input_ids: Tensor) -> Tensor:
@@ -43,11 +45,12 @@ class CausalLMModule(L.LightningModule):
 
     `tokens_per_word` maps a split to its token/word ratio so that word-level perplexity (comparable
     across tokenizers) is logged next to token-level perplexity. `compile` runs the training loss
-    (forward and backward) under torch.compile; evaluation stays eager.
+    (forward and backward) under torch.compile; evaluation stays eager. `tables`: `replicated` (every rank
+    holds every table) or `sharded` (on several devices, each rank holds its rows of them: `tsparse.sharding`).
     """
 
     def __init__(self, model: nn.Module, optim: dict, tokens_per_word: dict[str, float] | None = None,
-                 compile: bool = False):
+                 compile: bool = False, tables: str = "replicated"):
         super().__init__()
         self.model = model
         self.compiled_loss = compiled(partial(next_token_loss, model)) if compile else None
@@ -58,7 +61,10 @@ class CausalLMModule(L.LightningModule):
         self.skipped_steps = 0
         self.skip_step = False
         self.frozen_now: list[nn.Parameter] = []
-        self.row_sparse_tables: list[nn.Parameter] = []
+        self.tables = tables
+        self.row_sparse_tables: list[nn.Parameter] = []  # replicated tables, averaged by dense all-gathers
+        self.sharded_tables: list[nn.Parameter] = []     # this rank's rows of the tables under tables=sharded
+        self.tables_group = None
         self.unsharded: list[nn.Parameter] = []  # under FSDP2: the dense params it leaves whole (averaged here)
 
     def forward(self, input_ids: Tensor) -> Tensor:
@@ -81,18 +87,38 @@ class CausalLMModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """On several devices, the tables with row-sparse grads stay out of DDP's reducer (which would
-        need a sparse all-reduce, absent from NCCL): `on_before_optimizer_step` averages them instead."""
+        need a sparse all-reduce, absent from NCCL): `on_before_optimizer_step` averages them instead, or,
+        under tables=sharded, each rank keeps its rows of them (once, whatever the stage)."""
         if self.trainer.world_size > 1:
-            tables = row_sparse_tables(self.model)
-            self.row_sparse_tables = list(tables.values())
+            if self.tables == "sharded" and self.tables_group is None:
+                self.tables_group = new_group()
+                self.sharded_tables = shard_tables_(self.model, self.tables_group)
+            tables = list(row_sparse_tables(self.model).values())
+            self.row_sparse_tables = [t for t in tables if not any(t is s for s in self.sharded_tables)]
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                self, [name for name, p in self.named_parameters() if any(p is t for t in self.row_sparse_tables)])
+                self, [name for name, p in self.named_parameters() if any(p is t for t in tables)])
 
     def configure_model(self) -> None:
         """Under `trainer=fsdp2` (Lightning's ModelParallelStrategy), FSDP2 shards the base and the modules'
         dense weights; the row-sparse tables stay replicated and are averaged as under DDP."""
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
-            self.unsharded = shard_(self.model, self.trainer.strategy.device_mesh["data_parallel"], self.row_sparse_tables)
+            self.unsharded = shard_(self.model, self.trainer.strategy.device_mesh["data_parallel"],
+                                    self.row_sparse_tables + self.sharded_tables)
+
+    def param_index(self) -> dict[int, int]:
+        """id(param) -> its index in the optimizer's state dict (the order of `configure_optimizers`)."""
+        return {id(p): i for i, p in enumerate(p for params in self.trainable_groups().values() for p in params)}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Under tables=sharded, every rank writes its table rows (DCP) and the file keeps the rest."""
+        if self.sharded_tables:
+            folder = Path(self.trainer.checkpoint_callback.dirpath if self.trainer.checkpoint_callback
+                          else self.trainer.default_root_dir)
+            save_tables(checkpoint, self, self.param_index(), folder, self.tables_group)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """The tables in this run's layout, whatever layout and number of ranks wrote them."""
+        restore_tables(checkpoint, self, self.param_index())
 
     def on_fit_start(self) -> None:
         broadcast_(self.row_sparse_tables + self.unsharded)  # every rank starts from rank 0's, as DDP does for the rest
@@ -162,7 +188,7 @@ class CausalLMModule(L.LightningModule):
             optimizer.zero_grad(set_to_none=True)
             return
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        norm = grad_norm_and_clip_(params, self.optim_cfg["grad_clip"])
+        norm = grad_norm_and_clip_(params, self.optim_cfg["grad_clip"], self.sharded_tables, self.tables_group)
         if not torch.isfinite(norm):
             bad = sorted({g["name"] for g in optimizer.param_groups for p in g["params"] if p.grad is not None
                           and not torch.isfinite(p.grad.coalesce().values() if p.grad.is_sparse else p.grad).all()})

@@ -216,7 +216,7 @@ def load_run(run_dir: Path, which: str = "last"):
         from tsparse.lora import add_lora
 
         add_lora(model, run_cfg.optim.lora_rank)
-    state = load_checkpoint(ckpt)["state_dict"]
+    state = load_checkpoint(ckpt, tables=True)["state_dict"]
     load_state_dict_strict(model, {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")},
                            str(ckpt))
     if lora:

@@ -122,23 +122,31 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def grad_norm_and_clip_(params: Iterable[Tensor], max_norm: float) -> Tensor:
+def grad_norm_and_clip_(params: Iterable[Tensor], max_norm: float, sharded: Iterable[Tensor] = (),
+                        group=None) -> Tensor:
     """Global L2 norm over dense and sparse grads (coalesced in place); scales them to `max_norm` if > 0.
+    `sharded`: params holding one rank's rows of a table (`tables=sharded`), whose squared norms are summed
+    over the ranks of `group` (one all-reduce; every rank of it must call this).
 
     Returns the norm before clipping (non-finite if any grad is non-finite).
     """
-    grads = []
+    sharded_ids = {id(p) for p in sharded}
+    grads, norms, sharded_sq = [], [], torch.zeros(())
     for p in params:
         if p.grad is None:
             continue
         if p.grad.is_sparse:
             p.grad = coalesced(p.grad)
-            grads.append(p.grad.values())
+        grads.append(p.grad.values() if p.grad.is_sparse else p.grad)
+        norm = full(torch.linalg.vector_norm(grads[-1], dtype=torch.float32))
+        if id(p) in sharded_ids:
+            sharded_sq += norm.square()
         else:
-            grads.append(p.grad)
-    if not grads:
-        return torch.zeros(())
-    total = torch.linalg.vector_norm(torch.stack([full(torch.linalg.vector_norm(g, dtype=torch.float32)) for g in grads]))
+            norms.append(norm)
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    if group is not None:
+        torch.distributed.all_reduce(sharded_sq, group=group)
+        total = (total.square() + sharded_sq).sqrt()
     if max_norm > 0 and math.isfinite(total.item()):
         scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for g in grads:

@@ -108,10 +108,13 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
 
 
 def remove_stale_temp_files(folder: Path) -> None:
-    """Remove the temp files `atomic_file` left in `folder` when its process was killed mid-write (only
-    names it makes: `.<name>.<random>.tsparse-tmp`)."""
+    """Remove the temp files `atomic_file` left in `folder` when its process was killed mid-write, and the
+    table folders `sharding.save_tables` was writing (only names they make: `.<name>.<random>.tsparse-tmp`)."""
     for path in folder.glob(f".*{TEMP_SUFFIX}"):
-        path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def current_umask() -> int:

@@ -21,7 +21,7 @@ from tsparse.cli import EXIT_DISK_FULL, EXIT_LOST_RANK, EXIT_NON_FINITE, EXIT_PR
 from tsparse.callbacks import (Preemption, PhaseLRCallback, TokenThroughput, check_phase_lrs, check_schedule_fits,
                                parse_phases)
 from tsparse.checkpoint import AtomicCheckpointIO, load_checkpoint, newest_valid_checkpoint
-from tsparse.checks import ConfigError, check_bool, is_int
+from tsparse.checks import ConfigError, check_bool, check_choice, is_int
 from tsparse.config import check_trainer, config_dir, module_specs, to_container, validate
 from tsparse.saving import check_export_target, save_model, save_run_model_card
 from tsparse.lit_module import CausalLMModule, NonFiniteError
@@ -29,9 +29,13 @@ from tsparse.data import build_datamodule
 from tsparse.build import base_path, build_model
 from tsparse.loggers import ResumableCSVLogger, use_wandb_offline_without_key
 from tsparse.registry import attached_groups, params_by_group
+from tsparse.sharding import gather_tables_
 from tsparse.rundir import LOCK_FILE, REPLACED, DiskFullError, lock_run_dir, remove_stale_temp_files, set_aside, write_atomic
 
 log = logging.getLogger("tsparse")
+
+
+TABLE_LAYOUTS = ("replicated", "sharded")  # conf/tables/
 
 
 class Preempted(Exception):
@@ -122,6 +126,12 @@ def check(cfg: DictConfig) -> list:
                           f"+experiment=NAME, one of {experiments()}, or set sparse=... or optim.base=finetune")
     strategy = str(cfg.trainer.get("strategy") or "")
     sparse = [f"{name}.sparse_grad" for name, spec in module_specs(cfg).items() if getattr(spec, "sparse_grad", False)]
+    check_choice("tables", cfg.tables.get("layout"), TABLE_LAYOUTS)
+    dense = [f"{name}.sparse_grad=false" for name, spec in module_specs(cfg).items()
+             if hasattr(spec, "sparse_grad") and not spec.sparse_grad]
+    if cfg.tables.layout == "sharded" and dense:
+        raise ConfigError(f"tables=sharded shards row-sparse tables, but {', '.join(dense)} makes them dense: "
+                          "drop it, or use tables=replicated")
     if strategy.startswith("fsdp") and sparse:
         raise ConfigError(f"trainer.strategy={strategy} cannot shard sparse gradients (FSDP has none): set "
                           f"{'=false '.join(sparse)}=false (dense tables, AdamW), or use trainer=fsdp2 (FSDP2, the "
@@ -212,7 +222,7 @@ def train_and_test(cfg: DictConfig, phases: list, run_dir: Path, ckpt_dir: Path,
     datamodule.setup()
     module = CausalLMModule(model, to_container(cfg.optim),
                             tokens_per_word={s: datamodule.tokens_per_word(s) for s in ("validation", "test")},
-                            compile=cfg.compile)
+                            compile=cfg.compile, tables=cfg.tables.layout)
     base_ppl = base_test_ppl(cfg, module, datamodule, run_dir) if cfg.train and cfg.test and cfg.test_base else None
     log.info("trainable params: %s", {k: sum(p.numel() for p in v) for k, v in module.trainable_groups().items()})
 
@@ -253,6 +263,8 @@ def train_and_test(cfg: DictConfig, phases: list, run_dir: Path, ckpt_dir: Path,
         write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
         log.info("results: %s", json.dumps(results))
         print_summary(cfg, results)
+    if cfg.export_dir and module.sharded_tables:
+        gather_tables_(model)  # rank 0 exports whole tables
     if cfg.export_dir and trainer.is_global_zero:
         export(cfg, model, tokenizer, run_dir)
     for logger in trainer.loggers:

@@ -21,6 +21,8 @@ class SparseModule(nn.Module, abc.ABC):
     Defaults, for a kind that has nothing of the sort:
     - `rows_per_token()`: (rows of its row-sparse tables one token looks up, whether their gradient is
       coalesced); (0, True): no tables.
+    - `table_parameters()`: its tables (all of one row count); none. `shards` is None, or the
+      `sharding.RowShards` of those tables under `tables=sharded`, which the forward then looks rows up with.
     - `reset_buffers()`: refill derived buffers after the weights were loaded; none.
     - `stats`: what the last forward recorded while `track_stats` was set, named as in the kind's
       `ModuleKind.stats` (the ModuleStats callback logs them); `usage_summary()` / `reset_usage()`:
@@ -28,6 +30,7 @@ class SparseModule(nn.Module, abc.ABC):
     """
 
     track_stats: bool = False
+    shards = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -43,6 +46,9 @@ class SparseModule(nn.Module, abc.ABC):
 
     def rows_per_token(self) -> tuple[int, bool]:
         return 0, True
+
+    def table_parameters(self) -> list[nn.Parameter]:
+        return []
 
     def reset_buffers(self) -> None:
         pass

@@ -1,15 +1,19 @@
 """tsparse.plan: exact weights at TinyLlama dims, the saved-activation formulas against autograd's own
-count, the total against the measured peak memory of CPU training steps, and one-line bad input."""
+count (and, with activation checkpointing, the allocator's), the total against the measured peak memory of
+CPU training steps, and one-line bad input."""
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from torch.autograd.graph import saved_tensors_hooks
+from torch.profiler import ProfilerActivity, profile
 
 from tsparse import plan
 from tsparse.build import architecture_model
 from tsparse.config import compose_config
+from tsparse.lit_module import next_token_loss
 from tsparse.params import count
 from tsparse.registry import trainable_groups
 
@@ -84,6 +88,64 @@ def test_saved_activation_formulas_match_autograd(overrides, one_thread):
     ids = torch.randint(0, cfg.model.config.vocab_size, (2, 64))
     per_token, per_step = plan.saved_bytes(model, 64, 4)
     assert per_token * ids.numel() + per_step == pytest.approx(autograd_saved_bytes(model, ids), rel=0.03)
+
+
+def allocated(fn) -> list[int]:
+    """Bytes the CPU allocator holds above its start, after each allocation or free while `fn()` runs, its
+    result kept (one torch thread: the profiler sees the calling thread's allocations)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()  # noqa: F841 (held until the profile ends)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    totals = [0]
+    for _, nbytes in events:
+        totals.append(totals[-1] + nbytes)
+    return totals
+
+
+def layer_saved_bytes(model, ids) -> list[int]:
+    """Bytes autograd saves inside each decoder layer (parameters and the layer's input left out) in a
+    training forward without checkpointing."""
+    kept = {p.untyped_storage()._cdata: p for p in model.parameters()}  # held, so that no address is reused
+    saved, current = [0] * len(model.model.layers), []
+
+    def enter(i):
+        def hook(layer, args):
+            current[:] = [i]
+            kept[args[0].untyped_storage()._cdata] = args[0]
+        return hook
+
+    def pack(t):
+        if current and t.untyped_storage()._cdata not in kept:
+            kept[t.untyped_storage()._cdata] = t
+            saved[current[0]] += t.untyped_storage().nbytes()
+        return t
+
+    handles = [h for i, layer in enumerate(model.model.layers) for h in (
+        layer.register_forward_pre_hook(enter(i)), layer.register_forward_hook(lambda *_: current.clear()))]
+    with saved_tensors_hooks(pack, lambda t: t):
+        next_token_loss(model, ids)
+    for handle in handles:
+        handle.remove()
+    return saved
+
+
+@pytest.mark.parametrize("overrides", [["sparse=triple"], ["sparse=peer"], ["sparse=mhc"],
+                                       ["sparse=triple", "optim.base=finetune"]])
+def test_saved_activation_formulas_match_with_checkpointing(overrides, one_thread):
+    """`model.activation_checkpointing=true`: what the forward leaves allocated (the layers' kept inputs, the
+    head's saved tensors) plus the largest layer's recompute (its saved tensors, its input aside), measured."""
+    cfg = compose_config(["model=micro", "peer=16k", "data.batch_size=2", "data.block_size=64",
+                          "model.activation_checkpointing=true", *overrides])
+    torch.manual_seed(0)
+    model = architecture_model(cfg).train()
+    trainable_groups(model, cfg.optim.base)
+    ids = torch.randint(0, cfg.model.config.vocab_size, (2, 64))
+    per_token, per_step = plan.saved_bytes(model, 64, 4)
+    held = allocated(lambda: next_token_loss(model, ids))[-1]
+    for layer in model.model.layers:
+        layer.gradient_checkpointing = False
+    assert per_token * ids.numel() + per_step == pytest.approx(held + max(layer_saved_bytes(model, ids)), rel=0.03)
+    assert per_token < plan.saved_bytes(model, 64, 4)[0]  # than without checkpointing
 
 
 def measured_peak(overrides: list[str]) -> int:

@@ -10,9 +10,11 @@ import torch.multiprocessing as mp
 from tsparse.modules.engram import Engram, EngramSpec, draw_multipliers
 from tsparse.modules.peer import PEER, PEERSpec
 from tsparse.nccl_rules import BACKEND, register
-from tsparse.sharding import new_group, shard_tables_
+from tsparse.optim import SparseAwareAdamW
+from tsparse.sharding import new_group, restore_tables, save_tables, shard_tables_
 
 DIM, TOKENS = 16, 12  # tokens per rank
+TABLE_KEYS = ("down.weight", "up.weight", "table.weight")
 
 
 def modules(num_experts: int, table_dtype: str) -> torch.nn.Module:
@@ -111,3 +113,61 @@ def test_each_rank_holds_its_share_and_traffic_never_grows_with_the_table_or_the
     # 8 bytes per rank (in and out), and PEER's chunk count, twice (an all-reduce of one int64: in and out).
     exchanges = 3
     assert per_rank[2] <= per_rank[4] <= per_rank[2] + exchanges * 2 * 8 * (4 - 2), per_rank
+
+
+def _save_shards(rank: int, world: int, store: str, out: str) -> None:
+    """2 ranks: one AdaGrad step on the shards, then `save_tables` (rank 0 keeps the checkpoint dict)."""
+    register()
+    dist.init_process_group(BACKEND, init_method=f"file://{store}", rank=rank, world_size=world)
+    model = modules(256, "float32")
+    shards = shard_tables_(model, group := new_group())
+    optimizer = SparseAwareAdamW([{"params": shards, "lr": 0.1}])
+    loss(model, *batch(rank)).backward()
+    optimizer.step()
+    checkpoint = {"state_dict": model.state_dict(), "optimizer_states": [optimizer.state_dict()]}
+    mine = {k: v.clone() for k, v in checkpoint["state_dict"].items() if k.endswith(TABLE_KEYS)}
+    save_tables(checkpoint, model, optimizer, Path(out), group)
+    torch.save({"checkpoint": checkpoint, "mine": mine, "states": [optimizer.state[p]["row_sq_sum"] for p in shards]},
+               Path(out) / f"saved{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _restore_shards(rank: int, world: int, store: str, out: str) -> None:
+    if world > 1:
+        register()
+        dist.init_process_group(BACKEND, init_method=f"file://{store}", rank=rank, world_size=world)
+    model = modules(256, "float32")
+    tables = shard_tables_(model, new_group()) if world > 1 else [p for p in tables_of(model).values()]
+    checkpoint = torch.load(Path(out) / "saved0.pt", weights_only=True)["checkpoint"]
+    restore_tables(checkpoint, model, [tables])
+    states = [checkpoint["optimizer_states"][0]["state"][i]["row_sq_sum"] for i in range(len(tables))]
+    torch.save({"tables": {k: v for k, v in checkpoint["state_dict"].items() if k.endswith(TABLE_KEYS)},
+                "states": states, "rows": [(s.start, s.stop) for s in (model.peer.shards, model.engram.shards)]
+                if world > 1 else None}, Path(out) / f"restored{world}-{rank}.pt")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_and_on_four_ranks_with_identical_tables(tmp_path):
+    """`save_tables` (DCP, each rank its rows and their AdaGrad state) read back by `restore_tables` on 1
+    process (whole tables) and on 4 ranks (their rows): bit-identical to what the 2 ranks held."""
+    mp.spawn(_save_shards, args=(2, str(tmp_path / "store2"), str(tmp_path)), nprocs=2)
+    saved = [torch.load(tmp_path / f"saved{r}.pt", weights_only=True) for r in (0, 1)]
+    whole = {k: torch.cat([s["mine"][k] for s in saved]) for k in saved[0]["mine"]}
+    whole_states = [torch.cat([s["states"][i] for s in saved]) for i in range(len(saved[0]["states"]))]
+    assert not any(k in saved[0]["checkpoint"]["state_dict"] for k in whole)  # the file holds no table
+    _restore_shards(0, 1, "", str(tmp_path))
+    one = torch.load(tmp_path / "restored1-0.pt", weights_only=True)
+    for k, table in whole.items():
+        assert torch.equal(one["tables"][k], table), k
+    for got, want in zip(one["states"], whole_states):
+        assert torch.equal(got, want)
+    mp.spawn(_restore_shards, args=(4, str(tmp_path / "store4"), str(tmp_path)), nprocs=4)
+    for r in range(4):
+        four = torch.load(tmp_path / f"restored4-{r}.pt", weights_only=True)
+        for k, table in whole.items():
+            start, stop = four["rows"][k.startswith("engram")]
+            assert torch.equal(four["tables"][k], table[start:stop]), (r, k)
+        for got, want, key in zip(four["states"], whole_states, ("peer", "peer", "engram")):
+            start, stop = four["rows"][key == "engram"]
+            assert torch.equal(got, want[start:stop]), (r, key)

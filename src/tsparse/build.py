@@ -4,14 +4,17 @@ its tokenizer), `architecture_model` (the configured architecture at random init
 `model_dtype` (the one check of `model.dtype`)."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig
 
-from tsparse.checks import ConfigError, check_choice
+from tsparse.base_dtype import base_in_bf16, store_base_in_bf16
+from tsparse.checks import ConfigError, check_bool, check_choice
 from tsparse.config import module_specs
 from tsparse.hub import require_hub
 from tsparse.loading import check_weights, hub_snapshot, read_config, read_tokenizer
@@ -65,21 +68,37 @@ def base_with_modules(cfg: DictConfig, specs: dict, hash_seed: int, train_text: 
     return model, tokenizer
 
 
+def set_activation_checkpointing(model: TsparseForCausalLM, cfg: DictConfig) -> TsparseForCausalLM:
+    """`model.activation_checkpointing` (`cfg` is the `model` group): each decoder layer, its modules and
+    streams included, is one non-reentrant checkpoint in training (recomputed in backward)."""
+    check_bool("model.activation_checkpointing", cfg.activation_checkpointing)
+    for layer in model.model.layers:
+        layer.gradient_checkpointing = cfg.activation_checkpointing
+        layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+    return model
+
+
 def architecture_model(cfg: DictConfig) -> TsparseForCausalLM:
-    """The architecture of `cfg.model.config` with the configured modules, at random init (nothing is
-    downloaded); build it under `torch.device("meta")` to count parameters without allocating."""
+    """The architecture of `cfg.model.config` with the configured modules (and activation checkpointing), at
+    random init (nothing is downloaded); build it under `torch.device("meta")` to count parameters without
+    allocating."""
     base = LlamaConfig(**OmegaConf.to_container(cfg.model.config, resolve=True))
-    return TsparseForCausalLM(TsparseConfig.from_base(base, module_specs(cfg), cfg.seed))
+    model = TsparseForCausalLM(TsparseConfig.from_base(base, module_specs(cfg), cfg.seed))
+    return set_activation_checkpointing(model, cfg.model)
 
 
 def build_model(cfg: DictConfig, datamodule) -> tuple[TsparseForCausalLM, object]:
-    """The base with the configured modules (and LoRA adapters), in train mode; gives the DataModule
+    """The base with the configured modules (and LoRA adapters, or its weights in bf16 under
+    `optim.base_dtype=bfloat16`), in train mode; gives the DataModule
     the tokenizer (a micro tokenizer is trained on the train split if needed)."""
     model, tokenizer = base_with_modules(cfg.model, module_specs(cfg), cfg.seed, lambda: datamodule.texts["train"])
+    set_activation_checkpointing(model, cfg.model)
     max_context = model.config.max_position_embeddings
     if cfg.data.block_size > max_context:
         raise ConfigError(f"data.block_size={cfg.data.block_size} exceeds the model context ({max_context})")
     datamodule.tokenizer = tokenizer
+    if base_in_bf16(cfg.optim):
+        store_base_in_bf16(model)
     if cfg.optim.base == "lora":
         from tsparse.lora import add_lora
 

@@ -10,6 +10,7 @@ from typing import Iterator, get_args
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from tsparse.base_dtype import base_in_bf16
 from tsparse.checks import (ConfigError, check_choice, check_count, check_min,  # noqa: F401 (ConfigError re-exported)
                             check_positive, is_int)
 from tsparse.registry import EXPERTS_KEY, KINDS, check_specs, default_layers
@@ -133,6 +134,7 @@ def validate(cfg: DictConfig) -> None:
     check_choice("data.source", cfg.data.source, ["hub", "local"])
     check_data(cfg)
     check_choice("optim.base", cfg.optim.base, ["frozen", "finetune", "lora"])
+    base_in_bf16(cfg.optim)
     check_choice("optim.schedule", cfg.optim.schedule, ["constant", "cosine"])
     check_choice("optim.on_non_finite", cfg.optim.on_non_finite, ["stop", "skip"])
     check_positive("optim.grad_clip", cfg.optim.grad_clip, allow_zero=True)

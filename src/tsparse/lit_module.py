@@ -105,20 +105,16 @@ class CausalLMModule(L.LightningModule):
             self.unsharded = shard_(self.model, self.trainer.strategy.device_mesh["data_parallel"],
                                     self.row_sparse_tables + self.sharded_tables)
 
-    def param_index(self) -> dict[int, int]:
-        """id(param) -> its index in the optimizer's state dict (the order of `configure_optimizers`)."""
-        return {id(p): i for i, p in enumerate(p for params in self.trainable_groups().values() for p in params)}
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Under tables=sharded, every rank writes its table rows (DCP) and the file keeps the rest."""
         if self.sharded_tables:
             folder = Path(self.trainer.checkpoint_callback.dirpath if self.trainer.checkpoint_callback
                           else self.trainer.default_root_dir)
-            save_tables(checkpoint, self, self.param_index(), folder, self.tables_group)
+            save_tables(checkpoint, self, self.trainer.optimizers[0], folder, self.tables_group)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """The tables in this run's layout, whatever layout and number of ranks wrote them."""
-        restore_tables(checkpoint, self, self.param_index())
+        restore_tables(checkpoint, self, [params for params in self.trainable_groups().values() if params])
 
     def on_fit_start(self) -> None:
         broadcast_(self.row_sparse_tables + self.unsharded)  # every rank starts from rank 0's, as DDP does for the rest

@@ -19,6 +19,9 @@ tests/test_plan.py checks them), times ACTIVATION_SLACK for the temporaries aliv
 allocator's retained blocks (calibrated on CPU training steps of the micro model). Under a 16-bit
 precision, attention and MLP tensors are counted at 2 bytes; norms, the fp32 logits and the modules
 at 4. Attention is counted as SDPA (no T x T scores); CUDA context and kernel workspaces are not.
+With `model.activation_checkpointing=true` a layer that saves anything keeps only its input (d, or mHC's
+n x d streams, in the embedding's dtype) for the step, and backward recomputes one layer at a time: the
+largest layer's saved tensors, its input aside, are counted once more.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from tsparse.base_dtype import base_in_bf16, store_base_in_bf16
 from tsparse.build import model_dtype
 from tsparse.checks import ConfigError, check_choice, check_count
 from tsparse.cli import ArgumentParser, one_line_errors
@@ -60,7 +64,8 @@ def saved_bytes(model: nn.Module, block: int, compute: int) -> tuple[int, int]:
     """(bytes per token, bytes per step) of the tensors autograd saves in a training forward: every
     decoder layer from the first one a gradient flows through (a layer with a module on its input or
     around its residual, the layer after one with a module on its output, layer 0 for a trainable base),
-    each sparse module (its own `saved_bytes`), and the final norm with the fp32 log-softmax."""
+    each sparse module (its own `saved_bytes`), and the final norm with the fp32 log-softmax; for
+    checkpointed layers (`layer.gradient_checkpointing`), their inputs and the largest one's recompute."""
     config = model.config
     d, inter, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
     kv = config.num_key_value_heads * (config.head_dim or d // heads)
@@ -69,21 +74,29 @@ def saved_bytes(model: nn.Module, block: int, compute: int) -> tuple[int, int]:
     starts = [i + (not (layer.attached["input"] or layer.attached["residual"])) for i, layer in enumerate(layers)
               if any(layer.attached.values())]
     first = 0 if base_trains else min(starts, default=len(layers))
+    kept = model.model.embed_tokens.weight.element_size() * d * model.model.num_streams  # a layer's input
     per_token = per_step = 0
+    recomputed = (0, 0)
     for i, layer in enumerate(layers):
+        token = step = 0
         if i >= first:  # two RMSNorms (fp32 input and 1/rms), SDPA's q, k, v, out and log-sum-exp, SiLU-gated MLP
-            per_token += FP32 * (2 * (d + 1) + heads) + compute * (2 * d + 2 * kv + 3 * inter)
-            per_token += compute * (4 * d + inter) if base_trains else 0  # inputs of trainable projections
+            token += FP32 * (2 * (d + 1) + heads) + compute * (2 * d + 2 * kv + 3 * inter)
+            token += compute * (4 * d + inter) if base_trains else 0  # inputs of trainable projections
         for name in (n for names in layer.attached.values() for n in names):
-            token, step = getattr(layer, name).saved_bytes(block, grad_input=i >= first)
-            per_token, per_step = per_token + token, per_step + step
+            module_token, module_step = getattr(layer, name).saved_bytes(block, grad_input=i >= first)
+            token, step = token + module_token, step + module_step
+        if layer.gradient_checkpointing and token:  # keeps its input; backward recomputes one layer at a time
+            recomputed = max(recomputed, (token - kept, step))  # what it saves, its kept input aside
+            token, step = kept, 0
+        per_token, per_step = per_token + token, per_step + step
     if first < len(layers) or base_trains:
         per_token += FP32 * (config.vocab_size + d + 1) + (2 * compute * d if base_trains else 0)
-    return per_token, per_step
+    return per_token + recomputed[0], per_step + recomputed[1]
 
 
 def memory_plan(cfg: DictConfig) -> dict[str, int]:
-    """Bytes per device of each item of a training step of `cfg` (see the module docstring), and the total."""
+    """Bytes per device of each item of a training step of `cfg` (see the module docstring; the base's weights
+    at `optim.base_dtype`), and the total."""
     precision = str(cfg.trainer.get("precision", "32-true"))
     check_choice("trainer.precision", precision, PRECISIONS)
     base_dtype = model_dtype(cfg.model)
@@ -100,6 +113,8 @@ def memory_plan(cfg: DictConfig) -> dict[str, int]:
     for p in model.parameters():  # model.dtype for all but the tables; a "-true" precision casts everything
         dtype = HALF_TRUE.get(precision) or (p.dtype if id(p) in table_ids else base_dtype)
         p.data = p.data.to(dtype)
+    if base_in_bf16(cfg.optim):  # the frozen base's projections at 2 bytes (tsparse.base_dtype)
+        store_base_in_bf16(model)
     trainable = [p for ps in trainable_groups(model, cfg.optim.base).values() for p in ps]
     sparse_ids = {id(p) for p in tables.values()}
     dense_trainable = [p for p in trainable if id(p) not in sparse_ids]

@@ -16,6 +16,7 @@ sharded or not, reads them back (DCP reshards).
 from __future__ import annotations
 
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
@@ -254,41 +255,55 @@ def as_dtensor(local: Tensor, shards: RowShards) -> DTensor:
                               stride=torch.empty(shape, device="meta").stride())
 
 
-def table_entries(root: nn.Module, param_index: dict[int, int]) -> list[tuple[str, int | None, nn.Parameter, RowShards | None]]:
-    """(state-dict key in `root`, optimizer index, parameter, its shards) of every row-sparse table of `root`."""
+def table_entries(root: nn.Module) -> list[tuple[str, nn.Parameter, RowShards | None]]:
+    """(state-dict key in `root`, parameter, its shards or None) of every row-sparse table of `root`."""
     from tsparse.distributed import row_sparse_tables
 
     names = {id(p): name for name, p in root.named_parameters()}
     owners = {id(t): m.shards for m in root.modules() if isinstance(m, SparseModule) for t in m.table_parameters()}
-    return [(names[id(p)], param_index.get(id(p)), p, owners.get(id(p))) for p in row_sparse_tables(root).values()]
+    return [(names[id(p)], p, owners.get(id(p))) for p in row_sparse_tables(root).values()]
 
 
-def save_tables(checkpoint: dict, root: nn.Module, param_index: dict[int, int], folder: Path, group) -> None:
-    """Collective: write this rank's table rows and their row-wise AdaGrad state into a new DCP folder in
-    `folder` (a temp name; `checkpoint.AtomicCheckpointIO` moves it beside the file), and take them out
-    of `checkpoint`, which records the folder's name and where the tables belong (under KEY)."""
+def optimizer_state(checkpoint: dict, groups: list[list[nn.Parameter]]) -> tuple[dict, dict[int, int]]:
+    """(the checkpoint's optimizer state, id(param) -> its key there) for the optimizer's param `groups`,
+    matched group by group (FSDP2 numbers the params its own way)."""
+    saved = (checkpoint.get("optimizer_states") or [{}])[0]
+    index = {id(p): i for params, group in zip(groups, saved.get("param_groups", [])) for p, i in zip(params, group["params"])}
+    return saved.get("state", {}), index
+
+
+def save_tables(checkpoint: dict, root: nn.Module, optimizer, folder: Path, group) -> None:
+    """Collective: write this rank's table rows and their row-wise AdaGrad state (zeros where a shard has
+    none yet, so that every rank writes the same keys) into a new DCP folder in `folder` (a temp name;
+    `checkpoint.AtomicCheckpointIO` moves it beside the file), and take them out of `checkpoint`, which
+    records the folder and the tables' keys, shapes and dtypes (under KEY)."""
     from tsparse.rundir import TEMP_SUFFIX
 
     token = [uuid.uuid4().hex[:12] if dist.get_rank(group) == 0 else None]
     dist.broadcast_object_list(token, group_src=0, group=group)
     staging = folder.resolve() / f".tables-{token[0]}{TEMP_SUFFIX}"
-    optimizer = checkpoint.get("optimizer_states", [{}])[0].get("state", {})
-    state, record = {}, {"dir": str(staging), "tables": {}, "states": {}}
-    for key, index, p, shards in table_entries(root, param_index):
-        state[key] = as_dtensor(checkpoint["state_dict"].pop(key), shards)
+    saved, index = optimizer_state(checkpoint, [g["params"] for g in optimizer.param_groups])
+    stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    state, record = {}, {"dir": str(staging), "tables": {}, "states": []}
+    for key, p, shards in table_entries(root):
+        checkpoint["state_dict"].pop(key, None)  # FSDP2 gives the state dict to rank 0 only: read the shard itself
+        state[key] = as_dtensor(p.detach(), shards)
         record["tables"][key] = [list(state[key].shape), str(p.dtype).removeprefix("torch.")]
-        if index is not None and STATE in optimizer.get(index, {}):
-            # a new dict: the optimizer's state_dict() shares each param's state dict with the live optimizer
-            state[f"{key}.{STATE}"] = as_dtensor(optimizer[index][STATE], shards)
-            optimizer[index] = {k: v for k, v in optimizer[index].items() if k != STATE}
-            record["states"][str(index)] = f"{key}.{STATE}"
+        if id(p) in stepped:
+            rows = optimizer.state.get(p, {}).get(STATE, torch.zeros(len(p), dtype=torch.float32, device=p.device))
+            state[f"{key}.{STATE}"] = as_dtensor(rows, shards)
+            record["states"].append(key)
+            if STATE in saved.get(index.get(id(p)), {}):  # a new dict: state_dict() shares them with the optimizer
+                saved[index[id(p)]] = {k: v for k, v in saved[index[id(p)]].items() if k != STATE}
     dcp.save(state, checkpoint_id=staging, process_group=group)
     checkpoint[KEY] = record
 
 
 def load_dcp(state: dict, folder: Path, group=None) -> None:
     """DCP-load `state` in place from `folder` (one process without a group reads the whole tensors)."""
-    dcp.load(state, checkpoint_id=folder, process_group=group, no_dist=group is None)
+    with warnings.catch_warnings():  # DCP warns that one process reads it, as meant
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, checkpoint_id=folder, process_group=group, no_dist=group is None)
 
 
 def read_tables(checkpoint: dict) -> None:
@@ -301,30 +316,30 @@ def read_tables(checkpoint: dict) -> None:
     checkpoint["state_dict"].update(state)
 
 
-def restore_tables(checkpoint: dict, root: nn.Module, param_index: dict[int, int]) -> None:
+def restore_tables(checkpoint: dict, root: nn.Module, groups: list[list[nn.Parameter]]) -> None:
     """Fill `checkpoint` (in place, before Lightning loads it) with the table rows and AdaGrad state in the
     layout of `root` on this rank: read from the checkpoint's DCP folder (any number of ranks wrote it), or
-    sliced from whole tables it holds itself."""
+    sliced from whole tables it holds itself. `groups`: the optimizer's param groups."""
     record = checkpoint.pop(KEY, None)
-    optimizer = checkpoint.get("optimizer_states", [{}])[0].get("state", {})
-    entries = table_entries(root, param_index)
+    saved, index = optimizer_state(checkpoint, groups)
+    entries = table_entries(root)
     if record is None:
-        for key, index, p, shards in entries:
+        for key, p, shards in entries:
             if shards is not None:
                 checkpoint["state_dict"][key] = checkpoint["state_dict"][key][shards.start:shards.stop]
-                if STATE in optimizer.get(index, {}):
-                    optimizer[index][STATE] = optimizer[index][STATE][shards.start:shards.stop]
+                if STATE in saved.get(index.get(id(p)), {}):
+                    saved[index[id(p)]][STATE] = saved[index[id(p)]][STATE][shards.start:shards.stop]
         return
-    group = next((s.group for *_, s in entries if s is not None), None)
-    state, states = {}, {v: int(k) for k, v in record["states"].items()}
-    for key, index, p, shards in entries:
+    state = {}
+    for key, p, shards in entries:
         state[key] = torch.empty_like(p.data) if shards is None else as_dtensor(torch.empty_like(p.data), shards)
-        if f"{key}.{STATE}" in states:
+        if key in record["states"]:
             rows = torch.zeros(len(p), dtype=torch.float32, device=p.device)
             state[f"{key}.{STATE}"] = rows if shards is None else as_dtensor(rows, shards)
-    load_dcp(state, Path(record["dir"]), group if group is not None else (dist.group.WORLD if dist.is_initialized() else None))
+    group = next((s.group for *_, s in entries if s is not None), dist.group.WORLD if dist.is_initialized() else None)
+    load_dcp(state, Path(record["dir"]), group)
     local = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
-    for key, *_ in entries:
+    for key, p, _ in entries:
         checkpoint["state_dict"][key] = local[key]
-    for state_key, index in states.items():
-        optimizer.setdefault(index, {})[STATE] = local[state_key]
+        if key in record["states"] and id(p) in index:
+            saved.setdefault(index[id(p)], {})[STATE] = local[f"{key}.{STATE}"]

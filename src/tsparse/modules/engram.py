@@ -22,6 +22,7 @@ from tsparse.checks import ConfigError, check_choice, check_layers, check_min, i
 from tsparse.modules.protocol import SparseModule
 from tsparse.modules.stats import rms_ratio
 from tsparse.modules.tables import TABLE_DTYPES
+from tsparse.sharding import sharded_lookup
 
 # Multipliers are drawn below 2**31, so for ids below 2**32 every product fits in int64: no overflow.
 _MULTIPLIER_BOUND = 2**31
@@ -269,7 +270,8 @@ class Engram(SparseModule):
         B, T, _ = hidden.shape
         past_ids = state.ids[:, -(max(self.orders) - 1):] if state is not None and state.ids is not None else None
         ids = input_ids if past_ids is None else torch.cat((past_ids, input_ids), 1)
-        rows = lookup(self.table, self.hash_indices(ids)[:, -T:])
+        idx = self.hash_indices(ids)[:, -T:]
+        rows = lookup(self.table, idx) if self.shards is None else sharded_lookup(idx, self.table.weight, self.shards)
         e = rows.to(self.key_proj.weight.dtype).reshape(B, T, -1)  # [B, T, orders*dim_per_order]
 
         k, q = self.norm_k(self.key_proj(e)), self.norm_q(hidden)

@@ -13,9 +13,16 @@ from tsparse.modules.protocol import SparseModule
 from tsparse.modules.stats import rms_ratio
 from tsparse.modules.tables import TABLE_DTYPES
 from tsparse.modules.peer_kernels import SubKeyTopK, mix_experts
+from tsparse.sharding import sharded_mix_experts
 
 GATES = ("softmax", "relu")
 MAX_EXPERTS = 2**40  # (2**20)²: far beyond any table that fits, and keeps table sizes inside int64
+
+
+def recomputing() -> bool:
+    """Whether this forward is activation checkpointing's recompute (it runs inside backward): side effects
+    (usage counts, BatchNorm running statistics) already happened in the first forward."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def experts_side(num_experts: int) -> int:
@@ -133,9 +140,11 @@ class PEER(SparseModule):
 
     def _retrieve(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [M, dim] (normed) -> raw scores and expert indices, both [M, heads, top_k]."""
-        q = self.query(x)
-        if self.query_norm is not None:
-            q = self.query_norm(q)
+        q, bn = self.query(x), self.query_norm
+        if bn is not None and bn.training and recomputing():  # the batch statistics, running ones updated once
+            q = F.batch_norm(q, bn.running_mean.clone(), bn.running_var.clone(), bn.weight, bn.bias, True, 0.0, bn.eps)
+        elif bn is not None:
+            q = bn(q)
         s, i = SubKeyTopK.apply(q.view(-1, self.heads, 2, self.key_dim), self.keys, self.top_k)  # [M, h, 2, k]
         cand_s = s[..., 0, :, None] + s[..., 1, None, :]              # [M, h, k, k]
         cand_i = i[..., 0, :, None] * self.side + i[..., 1, None, :]
@@ -154,9 +163,12 @@ class PEER(SparseModule):
         scores, idx = self._retrieve(h)
         gate = scores.softmax(dim=-1) if self.gate == "softmax" else F.relu(scores)
         idx, gate = idx.flatten(1), gate.flatten(1)                   # [M, h*k]
-        out = mix_experts(h, idx, gate, self.down.weight, self.up.weight, self.sparse_grad)
+        if self.shards is None:
+            out = mix_experts(h, idx, gate, self.down.weight, self.up.weight, self.sparse_grad)
+        else:
+            out = sharded_mix_experts(h, idx, gate, self.down.weight, self.up.weight, self.shards)
 
-        if self.track_stats:
+        if self.track_stats and not recomputing():
             with torch.no_grad():
                 flat = idx.reshape(-1)
                 self.usage_counts.index_add_(0, flat, torch.ones_like(flat))

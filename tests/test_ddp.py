@@ -208,7 +208,9 @@ SHARDED = ("tables=sharded",)
     pytest.param("ddp_nccl_rules", (*SHARDED, *TRIPLE_STAGGERED), False, id="sharded-staggered", marks=pytest.mark.slow),
     pytest.param("ddp_nccl_rules", (*SHARDED, *BF16_TABLES), False, id="sharded-bf16", marks=pytest.mark.slow),
     pytest.param("ddp_nccl_rules", (*SHARDED, "optim.on_non_finite=skip"), True, id="sharded-skip", marks=pytest.mark.slow),
-    pytest.param("fsdp2_nccl_rules", SHARDED, False, id="sharded-fsdp2", marks=pytest.mark.slow)])
+    pytest.param("fsdp2_nccl_rules", SHARDED, False, id="sharded-fsdp2", marks=pytest.mark.slow),
+    pytest.param("ddp_nccl_rules", (*SHARDED, *TRIPLE_STAGGERED, "model.activation_checkpointing=true"), False,
+                 id="sharded-activation-checkpointing", marks=pytest.mark.slow)])
 def test_ddp_two_processes_equal_one_process_with_the_global_batch(trainer, extra, nan, tmp_path, wikitext_small,
                                                                    cli_args, repo):
     """Rank r reads positions r, r+2, ... of the same step-indexed stream, so 2 ranks x batch 4 see the

@@ -69,12 +69,12 @@ def test_sigkill_mid_phase_then_resume_matches_uninterrupted(tmp_path, wikitext_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trainer", ["ddp_nccl_rules", "fsdp2_nccl_rules"])
+@pytest.mark.parametrize("trainer", ["ddp_nccl_rules", "fsdp2_nccl_rules", "ddp_nccl_rules tables=sharded"])
 def test_ddp_sigkill_mid_phase_then_resume_matches_uninterrupted(trainer, tmp_path, wikitext_small, cli, cli_args, repo):
-    """2 ranks (DDP and FSDP2, under NCCL's rules): rank 0 alone writes the checkpoints; SIGKILL both ranks after
-    the step-8 checkpoint (inside phase 2, steps 6-11), and every rank resumes from it to the uninterrupted
-    run's losses."""
-    ddp = (f"trainer={trainer}", "data.batch_size=4", "trainer.max_steps=12", "strategy.phase_steps=6",
+    """2 ranks (DDP and FSDP2, under NCCL's rules; DDP with sharded tables, whose ranks write their rows):
+    rank 0 writes the checkpoint files; SIGKILL both ranks after the step-8 checkpoint (inside phase 2, steps
+    6-11), and every rank resumes from it to the uninterrupted run's losses."""
+    ddp = (*f"trainer={trainer}".split(), "data.batch_size=4", "trainer.max_steps=12", "strategy.phase_steps=6",
            "callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.save_top_k=-1")  # keep every 4th step
     full = cli("tsparse.train", *cli_args(tmp_path / "full", wikitext_small, *ddp), timeout=600)
     assert full.returncode == 0, full.stderr[-2000:]
@@ -131,3 +131,51 @@ def test_same_seed_same_losses(tmp_path, wikitext_small, compose, nano, common):
         metrics = read_metrics(tmp_path / name / "run")
         losses.append([metrics[s]["train/loss"] for s in range(6)])
     assert losses[0] == losses[1]
+
+
+# Rank 0 kills both ranks (its process group) right after the ranks wrote their table rows for the 2nd checkpoint
+# file, before that file is written.
+KILL_IN_SECOND_SAVE = """
+import os, signal
+import tsparse.sharding as sharding
+save, calls = sharding.dcp.save, []
+def killing(*args, **kwargs):
+    save(*args, **kwargs)
+    calls.append(1)
+    if len(calls) == 2 and sharding.dist.get_rank() == 0:
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+sharding.dcp.save = killing
+from tsparse.train import main
+main()
+"""
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_sharded_save_keeps_the_previous_checkpoint(tmp_path, wikitext_small, cli, cli_args, repo):
+    """tables=sharded on 2 ranks, killed (SIGKILL, every rank) after the ranks wrote their rows for the step-8
+    checkpoint but before its file: the step-4 checkpoint stays whole and `last`; the unfinished rows folder
+    is removed on resume, which reaches the uninterrupted run's losses."""
+    ddp = ("trainer=ddp_nccl_rules", "tables=sharded", "data.batch_size=4", "trainer.max_steps=12",
+           "strategy.phase_steps=6", "callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.save_top_k=-1",
+           "callbacks.model_checkpoint.save_last=false")
+    full = cli("tsparse.train", *cli_args(tmp_path / "full", wikitext_small, *ddp), timeout=600)
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed_dir = tmp_path / "killed"
+    script = tmp_path / "train.py"
+    script.write_text(KILL_IN_SECOND_SAVE)
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(script), *cli_args(killed_dir, wikitext_small, *ddp)], cwd=repo, env=env,
+                          capture_output=True, start_new_session=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL
+    ckpts = killed_dir / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["step000004.ckpt"]
+    assert len(list(ckpts.glob(".tables-*.tsparse-tmp"))) == 1  # the rows written for step 8
+    assert newest_valid_checkpoint(ckpts).name == "step000004.ckpt"
+
+    resumed = cli("tsparse.train", *cli_args(killed_dir, wikitext_small, *ddp), "ckpt_path=last", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not list(ckpts.glob(".tables-*.tsparse-tmp"))
+    a, b = read_metrics(tmp_path / "full" / "run"), read_metrics(killed_dir / "run")
+    assert max(b) == max(a) == 11
+    for step in range(12):
+        assert abs(a[step]["train/loss"] - b[step]["train/loss"]) < 1e-4, step

@@ -1,8 +1,10 @@
-"""Scale-out figures of a config, computed on the meta device (nothing is allocated): the bytes of the
-dense all-gathers that average the row-sparse tables per step (`tsparse.distributed`), and a training
-checkpoint's size.
+"""Scale-out figures of a config, computed on the meta device (nothing is allocated): the bytes each rank
+receives per step for the row-sparse tables (replicated: the dense all-gathers that average their row
+gradients, `tsparse.distributed`; `tables=sharded`: the all_to_all exchanges of lookups, rows and row
+gradients, `tsparse.sharding`), and a training checkpoint's size.
 
     python -m tsparse.scaleout model=tinyllama sparse=peer --experts 262144 802816 --world 2 8 --table-dtype float32 bfloat16
+    python -m tsparse.scaleout model=tinyllama sparse=peer tables=sharded --experts 802816 --world 2 8
 """
 from __future__ import annotations
 
@@ -20,17 +22,29 @@ INDEX_BYTES = 8  # one int64 row index per gathered row
 
 
 def table_traffic_bytes(cfg: DictConfig, world_size: int) -> int:
-    """Bytes each rank receives per step from the tables' all-gathers, at most: world x rows x (dim
-    values + an int64 index) per table, where rows = the rank's tokens (data.batch_size x block_size) x
-    lookups per token (the module's `rows_per_token`), capped by the table's rows. Independent of the table's size below that cap."""
+    """Bytes each rank receives per step for the tables. Replicated, at most: world x rows x (dim values +
+    an int64 index) per table, where rows = the rank's tokens (data.batch_size x block_size) x lookups per
+    token (the module's `rows_per_token`), capped by the table's rows. Sharded, on average over the ranks
+    (each rank gets the lookups it owns): per module, per lookup of the rank's tokens, an int64 index per
+    routing (PEER routes again in backward), a row per fetch (PEER fetches both tables again in backward)
+    and an fp32 row gradient per table; the counts (world int64 per exchange) aside. Both are independent
+    of the table's size below that cap; the sharded figure is independent of the world size too."""
     tokens = cfg.data.batch_size * cfg.data.block_size
     model = meta_model(cfg)
+    sharded = world_size > 1 and cfg.tables.layout == "sharded"
     total = 0
     for name, p in row_sparse_tables(model).items():
-        lookups, _ = model.get_submodule(name.rsplit(".", 2)[0]).rows_per_token()
-        rows = min(tokens * lookups, p.shape[0])
-        total += world_size * rows * (p[0].numel() * p.element_size() + INDEX_BYTES)
-    return total
+        module = model.get_submodule(name.rsplit(".", 2)[0])
+        lookups, _ = module.rows_per_token()
+        if sharded:
+            tables = len(module.table_parameters())
+            passes = 2 if tables > 1 else 1  # PEER's fused mix routes and fetches in forward and in backward
+            row = p[0].numel() * p.element_size()
+            total += tokens * lookups * (passes * INDEX_BYTES / tables + passes * row + p[0].numel() * 4)
+        else:
+            rows = min(tokens * lookups, p.shape[0])
+            total += world_size * rows * (p[0].numel() * p.element_size() + INDEX_BYTES)
+    return int(total)
 
 
 def checkpoint_bytes(cfg: DictConfig) -> int:
@@ -59,7 +73,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 set_table_dtype(config, dtype)
                 rows.append({"experts": experts, "table_dtype": dtype, "checkpoint": checkpoint_bytes(config),
                              **{f"traffic@{w}": table_traffic_bytes(config, w) for w in args.world}})
-    print("| experts | tables | " + " | ".join(f"table all-gathers / step / rank, {w} ranks" for w in args.world)
+    layout = "table exchanges" if config.tables.layout == "sharded" else "table all-gathers"
+    print("| experts | tables | " + " | ".join(f"{layout} / step / rank, {w} ranks" for w in args.world)
           + " | checkpoint |")
     print("|---:|---|" + "---:|" * (len(args.world) + 1))
     for row in rows:

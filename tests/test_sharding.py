@@ -132,42 +132,72 @@ def _save_shards(rank: int, world: int, store: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _restore_shards(rank: int, world: int, store: str, out: str) -> None:
+def _restore_shards(rank: int, world: int, store: str, out: str, source: str = "saved0.pt") -> None:
     if world > 1:
         register()
         dist.init_process_group(BACKEND, init_method=f"file://{store}", rank=rank, world_size=world)
     model = modules(256, "float32")
     tables = shard_tables_(model, new_group()) if world > 1 else [p for p in tables_of(model).values()]
-    checkpoint = torch.load(Path(out) / "saved0.pt", weights_only=True)["checkpoint"]
+    checkpoint = torch.load(Path(out) / source, weights_only=True)["checkpoint"]
     restore_tables(checkpoint, model, [tables])
     states = [checkpoint["optimizer_states"][0]["state"][i]["row_sq_sum"] for i in range(len(tables))]
     torch.save({"tables": {k: v for k, v in checkpoint["state_dict"].items() if k.endswith(TABLE_KEYS)},
                 "states": states, "rows": [(s.start, s.stop) for s in (model.peer.shards, model.engram.shards)]
-                if world > 1 else None}, Path(out) / f"restored{world}-{rank}.pt")
+                if world > 1 else None}, Path(out) / f"restored{source}{world}-{rank}.pt")
     if world > 1:
         dist.destroy_process_group()
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_and_on_four_ranks_with_identical_tables(tmp_path):
     """`save_tables` (DCP, each rank its rows and their AdaGrad state) read back by `restore_tables` on 1
-    process (whole tables) and on 4 ranks (their rows): bit-identical to what the 2 ranks held."""
+    process (whole tables) and on 4 ranks (their rows), and a replicated checkpoint (whole tables in the
+    file) restored on 4 ranks: bit-identical to what the 2 ranks held."""
     mp.spawn(_save_shards, args=(2, str(tmp_path / "store2"), str(tmp_path)), nprocs=2)
     saved = [torch.load(tmp_path / f"saved{r}.pt", weights_only=True) for r in (0, 1)]
     whole = {k: torch.cat([s["mine"][k] for s in saved]) for k in saved[0]["mine"]}
     whole_states = [torch.cat([s["states"][i] for s in saved]) for i in range(len(saved[0]["states"]))]
     assert not any(k in saved[0]["checkpoint"]["state_dict"] for k in whole)  # the file holds no table
     _restore_shards(0, 1, "", str(tmp_path))
-    one = torch.load(tmp_path / "restored1-0.pt", weights_only=True)
+    one = torch.load(tmp_path / "restoredsaved0.pt1-0.pt", weights_only=True)
     for k, table in whole.items():
         assert torch.equal(one["tables"][k], table), k
     for got, want in zip(one["states"], whole_states):
         assert torch.equal(got, want)
-    mp.spawn(_restore_shards, args=(4, str(tmp_path / "store4"), str(tmp_path)), nprocs=4)
-    for r in range(4):
-        four = torch.load(tmp_path / f"restored4-{r}.pt", weights_only=True)
+    # and a one-process (replicated) checkpoint, whole tables in the file, restored on 4 ranks: sliced
+    params = list(range(len(whole_states)))
+    torch.save({"checkpoint": {"state_dict": dict(whole), "optimizer_states": [{"state": {
+        i: {"row_sq_sum": state} for i, state in enumerate(whole_states)}, "param_groups": [{"params": params}]}]}},
+        tmp_path / "whole.pt")
+    for source in ("saved0.pt", "whole.pt"):
+        mp.spawn(_restore_shards, args=(4, str(tmp_path / f"store4{source}"), str(tmp_path), source), nprocs=4)
+    for r, source in ((r, source) for r in range(4) for source in ("saved0.pt", "whole.pt")):
+        four = torch.load(tmp_path / f"restored{source}4-{r}.pt", weights_only=True)
         for k, table in whole.items():
             start, stop = four["rows"][k.startswith("engram")]
             assert torch.equal(four["tables"][k], table[start:stop]), (r, k)
         for got, want, key in zip(four["states"], whole_states, ("peer", "peer", "engram")):
             start, stop = four["rows"][key == "engram"]
             assert torch.equal(got, want[start:stop]), (r, key)
+
+
+def test_the_plan_and_scaleout_shrink_the_tables_with_the_devices_and_grow_nothing(compose, tmp_path):
+    """tsparse.plan: a device holds ceil(rows / devices) rows of each table, and no item grows from 2 to 8
+    devices; tsparse.scaleout: the sharded exchanges per rank are the same for 4K and 803K experts and for
+    2 and 8 ranks."""
+    from tsparse.plan import memory_plan
+    from tsparse.scaleout import table_traffic_bytes
+
+    def plan(devices: int, experts: int = 802816) -> dict:
+        return memory_plan(compose(["model=micro", "sparse=peer", "trainer=ddp", f"trainer.devices={devices}",
+                                    "tables=sharded", f"peer.num_experts={experts}"]))
+
+    one, two, eight = plan(1), plan(2), plan(8)
+    table = 2 * 2 * 802816 * 256 * 4  # micro: PEER on 2 layers, 2 tables of 803K x 256 fp32
+    assert one["tables (float32)"] == table
+    assert two["tables (float32)"] == table // 2 and eight["tables (float32)"] == table // 8
+    for item, size in eight.items():
+        if item not in ("DDP gradient buckets", "total"):
+            assert size <= two[item], item
+    traffic = {(w, e): table_traffic_bytes(compose(["model=micro", "sparse=peer", "tables=sharded",
+                                                    f"peer.num_experts={e}"]), w) for w in (2, 8) for e in (4096, 802816)}
+    assert len(set(traffic.values())) == 1, traffic

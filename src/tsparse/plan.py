@@ -2,6 +2,8 @@
 
     python -m tsparse.plan model=tinyllama +experiment=diff_lr trainer=gpu --experts 16384 262144 802816
     python -m tsparse.plan model=tinyllama +experiment=diff_lr trainer=ddp_gpu trainer.devices=8 --device-gb 80
+    python -m tsparse.plan model=tinyllama +experiment=diff_lr trainer=ddp_gpu trainer.devices=8 tables=sharded \
+        model.activation_checkpointing=true optim.base_dtype=bfloat16 --experts 802816 --device-gb 24
 
 The weights, gradients and optimizer state are counted exactly from the model built on the meta device
 (`build.architecture_model`): the frozen base has no gradient and no optimizer state; dense trainable
@@ -11,7 +13,10 @@ token, coalesced; Engram: one uncoalesced row per hash head and token) and row-w
 scalar per row (`optim.SparseAwareAdamW`). `data.batch_size` is per device, as each rank loads its own
 batch; under DDP every device holds the whole model, tables included, so per-device bytes equal one
 device's, plus DDP's gradient buckets (a copy of the dense gradients) and the table rows all-gathered
-from every rank.
+from every rank. With `tables=sharded` a device holds ceil(rows / devices) rows of each row-sparse table
+and their AdaGrad state, receives on average as many row gradients as it looks up (capped by its rows),
+and keeps exchange buffers: one table's fp32 row-gradient sums and a token chunk of PEER's fetched rows
+(`tsparse.sharding`); nothing grows with the device count at a fixed per-device batch.
 
 Activations are the tensors autograd saves for backward, per token, from the layers' shapes (the
 formulas of `saved_bytes` reproduce `torch.autograd.graph.saved_tensors_hooks` counts on CPU in fp32;
@@ -37,6 +42,7 @@ from tsparse.checks import ConfigError, check_choice, check_count
 from tsparse.cli import ArgumentParser, one_line_errors
 from tsparse.distributed import row_sparse_tables
 from tsparse.registry import params_by_group, trainable_groups
+from tsparse.sharding import CHUNK_BYTES
 from tsparse.sizing import add_sizing_arguments, meta_model, sized_configs
 
 GiB = 1 << 30
@@ -122,21 +128,31 @@ def memory_plan(cfg: DictConfig) -> dict[str, int]:
     items = {"base weights": param_bytes(p for _, p in groups["base"]),
              "module dense weights": param_bytes(p for g, named in groups.items() if g != "base"
                                                  and not g.endswith("_table") for _, p in named)}
+    sharded = world > 1 and cfg.tables.layout == "sharded"
+    held = {id(p): -(-p.shape[0] // world) if sharded and id(p) in sparse_ids else p.shape[0]  # rows on a device
+            for g, named in groups.items() if g.endswith("_table") for _, p in named}
     for g, named in groups.items():
         for _, p in named if g.endswith("_table") else []:
             key = f"tables ({str(p.dtype).removeprefix('torch.')})"
-            items[key] = items.get(key, 0) + param_bytes([p])
+            items[key] = items.get(key, 0) + held[id(p)] * p[0].numel() * p.element_size()
     tokens = cfg.data.batch_size * cfg.data.block_size
-    table_grads = 0
+    table_grads = sums = 0
     for name, p in tables.items():
         lookups, coalesced = model.get_submodule(name.rsplit(".", 2)[0]).rows_per_token()
-        rows = tokens * lookups * world  # under DDP, every rank's rows are all-gathered
-        table_grads += (min(rows, p.shape[0]) if coalesced else rows) * (p[0].numel() * p.element_size() + 8)
+        if sharded:  # a shard receives, on average, as many row grads as its rank looks up; summed per row
+            rows = min(tokens * lookups, held[id(p)])
+            sums = max(sums, rows * (p[0].numel() * FP32 + 8))
+        else:
+            rows = tokens * lookups * world  # under DDP, every rank's rows are all-gathered
+            rows = min(rows, p.shape[0]) if coalesced else rows
+        table_grads += rows * (p[0].numel() * p.element_size() + 8)
     items["gradients: dense"] = param_bytes(dense_trainable)
     items["gradients: table rows"] = table_grads
+    if sharded:  # one table's fp32 row-grad sums, and PEER's fetched rows: a token chunk of each table, in fp32
+        items["table exchange buffers"] = sums + 2 * CHUNK_BYTES
     items["optimizer: AdamW moments + fp32 masters"] = sum(
         p.numel() * (2 * FP32 + (FP32 if p.dtype != torch.float32 else 0)) for p in dense_trainable)
-    items["optimizer: row-wise AdaGrad"] = sum(p.shape[0] * FP32 for p in tables.values() if p.requires_grad)
+    items["optimizer: row-wise AdaGrad"] = sum(held[id(p)] * FP32 for p in tables.values() if p.requires_grad)
     if world > 1:
         items["DDP gradient buckets"] = param_bytes(dense_trainable)
     per_token, per_step = saved_bytes(model, cfg.data.block_size, PRECISIONS[precision])

@@ -91,9 +91,14 @@ def tensor_bytes(obj) -> int:
     return 0
 
 
+class UnsafeCheckpointError(ConfigError):
+    """A checkpoint whose pickle asks for more than weights: refused, never skipped for an older one."""
+
+
 def newest_valid_checkpoint(ckpt_dir: Path) -> Path | None:
     """What `last` means to every command (train resume, export, eval, generate, lm_eval): last.ckpt if it
-    is valid, else the most recent valid checkpoint in `ckpt_dir` (None if none)."""
+    is valid, else the most recent valid checkpoint in `ckpt_dir` (None if none). A damaged or incomplete
+    one is skipped with a warning; an unsafe one (`UnsafeCheckpointError`) is refused."""
     if not ckpt_dir.is_dir():
         return None
     candidates = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: (p.name == "last.ckpt", p.stat().st_mtime), reverse=True)
@@ -101,6 +106,8 @@ def newest_valid_checkpoint(ckpt_dir: Path) -> Path | None:
         try:
             load_checkpoint(path, mmap=True)
             return path
+        except UnsafeCheckpointError:
+            raise
         except ConfigError as err:
             log.warning("skipping %s", err)
     return None
@@ -137,7 +144,7 @@ def read_checkpoint(path: Path, mmap: bool) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        raise ConfigError(f"checkpoint {path} is refused: it holds more than weights ({refused_global(err)})") from None
+        raise UnsafeCheckpointError(f"checkpoint {path} is refused: it holds more than weights ({refused_global(err)})") from None
     except Exception as err:  # torch raises RuntimeError, EOFError... on damaged files
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ConfigError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {first})") from None

@@ -7,6 +7,7 @@ import types
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tsparse import plan
 from tsparse.build import build_model, set_activation_checkpointing
@@ -27,13 +28,14 @@ IDS = torch.randint(1, 96, (2, 16), generator=torch.Generator().manual_seed(1))
 def triple(checkpointing: bool, **base):
     """The tiny peer + engram + mhc model (BatchNorm on PEER's query, every module weight non-zero), training."""
     model = make_tiny_model(SPECS, perturb=0.5, **base).train()
-    return set_activation_checkpointing(model, types.SimpleNamespace(activation_checkpointing=checkpointing))
+    return set_activation_checkpointing(model, OmegaConf.create({"activation_checkpointing": checkpointing}))
 
 
 @pytest.mark.parametrize("base_trains", [True, False])
-def test_gradients_and_side_effects_equal_the_run_without(base_trains, one_thread):
+@pytest.mark.parametrize("mode", [True, "offload"])  # offload: its host copy is a no-op on a CPU
+def test_gradients_and_side_effects_equal_the_run_without(mode, base_trains, one_thread):
     runs = {}
-    for checkpointing in (False, True):
+    for checkpointing in (False, mode):
         model = triple(checkpointing)
         for m in model.sparse_modules().values():
             m.track_stats = True
@@ -42,9 +44,9 @@ def test_gradients_and_side_effects_equal_the_run_without(base_trains, one_threa
         peer_calls = []
         model.model.layers[1].peer.register_forward_pre_hook(lambda *_: peer_calls.append(1))
         next_token_loss(model, IDS).backward()
-        assert len(peer_calls) == 1 + checkpointing  # recomputed in backward
+        assert len(peer_calls) == 1 + bool(checkpointing)  # recomputed in backward
         runs[checkpointing] = model
-    plain, checkpointed = runs[False], runs[True]
+    plain, checkpointed = runs[False], runs[mode]
     grads = {n: p.grad for n, p in checkpointed.named_parameters() if p.requires_grad}
     assert any(g.is_sparse for g in grads.values())  # PEER's and Engram's row-sparse table gradients
     for name, p in plain.named_parameters():
@@ -82,7 +84,19 @@ def test_generation_is_unchanged():
 
 def test_a_bad_value_is_one_config_error_line(capsys):
     err = one_error_line(capsys, lambda: plan.main(["model=nano", "model.activation_checkpointing=maybe"]))
-    assert "model.activation_checkpointing='maybe' must be true or false" in err
+    assert "model.activation_checkpointing='maybe' is not allowed; choose one of [false, true, offload]" in err
+
+
+def test_offload_moves_the_kept_inputs_from_the_device_to_host_memory_in_the_plan(compose):
+    """The plan of `offload` keeps the layer inputs off the device (a host line outside the total) and
+    recomputes the same layer: device activations drop by exactly the inputs `true` keeps there."""
+    plans = {mode: plan.memory_plan(compose(["model=micro", "sparse=triple", f"model.activation_checkpointing={mode}"]))
+             for mode in ("true", "offload")}
+    activations = next(k for k in plans["true"] if k.startswith("activations"))
+    assert plan.HOST not in plans["true"] and plans["offload"][plan.HOST] > 0
+    kept = plans["true"][activations] - plans["offload"][activations]
+    assert kept == pytest.approx(plan.ACTIVATION_SLACK * plans["offload"][plan.HOST], abs=1)
+    assert plans["offload"]["total"] == plans["true"]["total"] - kept
 
 
 def test_the_flag_reaches_the_built_model(compose, nano, small_modules, wikitext_small, tmp_path, one_thread):

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig
 
 from tsparse.base_dtype import base_in_bf16, store_base_in_bf16
-from tsparse.checks import ConfigError, check_bool, check_choice
+from tsparse.checks import ConfigError, check_choice
 from tsparse.config import module_specs
 from tsparse.hub import require_hub
 from tsparse.loading import check_weights, hub_snapshot, read_config, read_tokenizer
@@ -68,13 +68,31 @@ def base_with_modules(cfg: DictConfig, specs: dict, hash_seed: int, train_text: 
     return model, tokenizer
 
 
+def check_checkpointing(value) -> None:
+    """`model.activation_checkpointing` is false, true or offload, else one ConfigError line."""
+    if not (isinstance(value, bool) or value == "offload"):
+        raise ConfigError(f"model.activation_checkpointing={value!r} is not allowed; choose one of [false, true, offload]")
+
+
+def offloaded_checkpoint(function: Callable, hidden: torch.Tensor, *args, **kwargs):
+    """A non-reentrant checkpoint whose saved input, the layer's hidden state (or mHC's streams), waits in
+    host memory until backward recomputes the layer (its gradient goes back to the device); on a CPU the
+    copy is a no-op."""
+    device = hidden.device
+    return checkpoint(lambda host, *a, **k: function(host.to(device), *a, **k), hidden.to("cpu"), *args,
+                      use_reentrant=False, **kwargs)
+
+
 def set_activation_checkpointing(model: TsparseForCausalLM, cfg: DictConfig) -> TsparseForCausalLM:
     """`model.activation_checkpointing` (`cfg` is the `model` group): each decoder layer, its modules and
-    streams included, is one non-reentrant checkpoint in training (recomputed in backward)."""
-    check_bool("model.activation_checkpointing", cfg.activation_checkpointing)
+    streams included, is one non-reentrant checkpoint in training (recomputed in backward); `offload` keeps
+    the checkpoints' inputs in host memory (`offloaded_checkpoint`)."""
+    mode = cfg.get("activation_checkpointing", False)
+    check_checkpointing(mode)
     for layer in model.model.layers:
-        layer.gradient_checkpointing = cfg.activation_checkpointing
-        layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+        layer.gradient_checkpointing = bool(mode)
+        layer._gradient_checkpointing_func = (offloaded_checkpoint if mode == "offload"
+                                              else partial(checkpoint, use_reentrant=False))
     return model
 
 

@@ -26,7 +26,8 @@ precision, attention and MLP tensors are counted at 2 bytes; norms, the fp32 log
 at 4. Attention is counted as SDPA (no T x T scores); CUDA context and kernel workspaces are not.
 With `model.activation_checkpointing=true` a layer that saves anything keeps only its input (d, or mHC's
 n x d streams, in the embedding's dtype) for the step, and backward recomputes one layer at a time: the
-largest layer's saved tensors, its input aside, are counted once more.
+largest layer's saved tensors, its input aside, are counted once more. With `offload` those inputs wait in
+host memory: a line of their own, outside the device's total.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from tsparse.base_dtype import base_in_bf16, store_base_in_bf16
-from tsparse.build import model_dtype
+from tsparse.build import model_dtype, offloaded_checkpoint
 from tsparse.checks import ConfigError, check_choice, check_count
 from tsparse.cli import ArgumentParser, one_line_errors
 from tsparse.distributed import row_sparse_tables
@@ -50,6 +51,7 @@ FP32 = 4
 ACTIVATION_SLACK = 1.5   # peak activation memory / saved tensors, measured on CPU micro training steps
 PRECISIONS = {"32-true": 4, "bf16-mixed": 2, "16-mixed": 2, "bf16-true": 2, "16-true": 2}
 HALF_TRUE = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
+HOST = "host memory: offloaded layer inputs (not in the total)"
 
 
 def world_size(trainer: DictConfig) -> int:
@@ -66,8 +68,9 @@ def param_bytes(params: Iterable[nn.Parameter]) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
-def saved_bytes(model: nn.Module, block: int, compute: int) -> tuple[int, int]:
-    """(bytes per token, bytes per step) of the tensors autograd saves in a training forward: every
+def saved_bytes(model: nn.Module, block: int, compute: int) -> tuple[int, int, int]:
+    """(bytes per token, bytes per step, host bytes per token) of the tensors autograd saves in a training
+    forward (host: the inputs `activation_checkpointing=offload` keeps in host memory): every
     decoder layer from the first one a gradient flows through (a layer with a module on its input or
     around its residual, the layer after one with a module on its output, layer 0 for a trainable base),
     each sparse module (its own `saved_bytes`), and the final norm with the fp32 log-softmax; for
@@ -81,7 +84,7 @@ def saved_bytes(model: nn.Module, block: int, compute: int) -> tuple[int, int]:
               if any(layer.attached.values())]
     first = 0 if base_trains else min(starts, default=len(layers))
     kept = model.model.embed_tokens.weight.element_size() * d * model.model.num_streams  # a layer's input
-    per_token = per_step = 0
+    per_token = per_step = host = 0
     recomputed = (0, 0)
     for i, layer in enumerate(layers):
         token = step = 0
@@ -93,11 +96,12 @@ def saved_bytes(model: nn.Module, block: int, compute: int) -> tuple[int, int]:
             token, step = token + module_token, step + module_step
         if layer.gradient_checkpointing and token:  # keeps its input; backward recomputes one layer at a time
             recomputed = max(recomputed, (token - kept, step))  # what it saves, its kept input aside
-            token, step = kept, 0
+            offloaded = layer._gradient_checkpointing_func is offloaded_checkpoint
+            token, step, host = (0, 0, host + kept) if offloaded else (kept, 0, host)
         per_token, per_step = per_token + token, per_step + step
     if first < len(layers) or base_trains:
         per_token += FP32 * (config.vocab_size + d + 1) + (2 * compute * d if base_trains else 0)
-    return per_token + recomputed[0], per_step + recomputed[1]
+    return per_token + recomputed[0], per_step + recomputed[1], host
 
 
 def memory_plan(cfg: DictConfig) -> dict[str, int]:
@@ -155,16 +159,18 @@ def memory_plan(cfg: DictConfig) -> dict[str, int]:
     items["optimizer: row-wise AdaGrad"] = sum(held[id(p)] * FP32 for p in tables.values() if p.requires_grad)
     if world > 1:
         items["DDP gradient buckets"] = param_bytes(dense_trainable)
-    per_token, per_step = saved_bytes(model, cfg.data.block_size, PRECISIONS[precision])
+    per_token, per_step, host = saved_bytes(model, cfg.data.block_size, PRECISIONS[precision])
     items[f"activations ({cfg.data.batch_size} x {cfg.data.block_size} tokens)"] = int(
         ACTIVATION_SLACK * (per_token * tokens + per_step))
     items["total"] = sum(items.values())
+    if host:
+        items[HOST] = host * tokens
     return items
 
 
 def verdict(items: dict[str, int], device_gb: float) -> str:
     """Whether the total fits in `device_gb` GiB, naming the largest item."""
-    largest = max((k for k in items if k != "total"), key=items.__getitem__)
+    largest = max((k for k in items if k not in ("total", HOST)), key=items.__getitem__)
     total, largest_gb = items["total"] / GiB, items[largest] / GiB
     if total <= device_gb:
         return f"fits: {total:.2f} of {device_gb:g} GiB (largest: {largest}, {largest_gb:.2f} GiB)"

@@ -26,7 +26,7 @@ from tsparse.config import check_trainer, config_dir, module_specs, to_container
 from tsparse.saving import check_export_target, save_model, save_run_model_card
 from tsparse.lit_module import CausalLMModule, NonFiniteError
 from tsparse.data import build_datamodule
-from tsparse.build import base_path, build_model
+from tsparse.build import base_path, build_model, check_checkpointing
 from tsparse.loggers import ResumableCSVLogger, use_wandb_offline_without_key
 from tsparse.registry import attached_groups, params_by_group
 from tsparse.sharding import gather_tables_
@@ -116,7 +116,7 @@ def check(cfg: DictConfig) -> list:
         raise ConfigError(f"seed={cfg.seed!r} must be an integer")
     for key in ("train", "test", "overwrite", "compile"):
         check_bool(key, cfg[key])
-    check_bool("model.activation_checkpointing", cfg.model.get("activation_checkpointing", False))
+    check_checkpointing(cfg.model.get("activation_checkpointing", False))
     for key in ("paths.output_dir", "paths.ckpt_dir"):
         if not isinstance(value := OmegaConf.select(cfg, key), str) or not value:
             raise ConfigError(f"{key}={value!r} must be a directory path")

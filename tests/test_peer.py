@@ -169,3 +169,24 @@ def test_usage_tracking():
     assert "usage_counts" not in peer.state_dict()
     peer.reset_usage()
     assert peer.usage_counts.sum().item() == 0
+
+
+@pytest.mark.parametrize("table_dtype", ["float32", "bfloat16"])
+def test_peer_trains_under_bf16_autocast(table_dtype):
+    """bf16-mixed (the GPU trainers' precision) runs PEER in fp32: its fused kernels failed on bf16 weights
+    against fp32 tables. The output and the gradients equal the same step without autocast."""
+    torch.manual_seed(0)
+    peer = PEER(32, PEERSpec(layers=[0], num_experts=64, top_k=4, key_dim=8, table_dtype=table_dtype))
+    torch.nn.init.normal_(peer.up.weight)
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    results = []
+    for autocast in (False, True):
+        peer.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = peer(x)
+        out.square().sum().backward()
+        results.append((out, x.grad, peer.up.weight.grad.to_dense(), peer.query.weight.grad))
+    for plain, mixed in zip(*results):
+        assert mixed.dtype == plain.dtype
+        torch.testing.assert_close(mixed, plain, rtol=0, atol=0)

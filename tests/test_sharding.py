@@ -1,5 +1,6 @@
 """Row-sharded tables (`tables=sharded`, tsparse/sharding.py) on 2 and 4 CPU processes under NCCL's rules:
 lookups, grads and traffic against one process, resharded checkpoints."""
+import json
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,57 @@ def test_the_plan_and_scaleout_shrink_the_tables_with_the_devices_and_grow_nothi
     traffic = {(w, e): table_traffic_bytes(compose(["model=micro", "sparse=peer", "tables=sharded",
                                                     f"peer.num_experts={e}"]), w) for w in (2, 8) for e in (4096, 802816)}
     assert len(set(traffic.values())) == 1, traffic
+
+
+MEASURE_RANK = """
+import json, sys, torch, torch.distributed as dist
+from tsparse.bench.experts import train_step
+from tsparse.build import architecture_model
+from tsparse.config import compose_config
+from tsparse.nccl_rules import BACKEND, register
+from tsparse.sharding import new_group, shard_tables_
+rank, store, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+torch.set_num_threads(1)
+register()
+dist.init_process_group(BACKEND, init_method=f"file://{store}", rank=rank, world_size=2)
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+before = rss()
+torch.manual_seed(0)
+model = architecture_model(compose_config(sys.argv[4:])).train()
+shard_tables_(model, new_group())
+open("/proc/self/clear_refs", "w").write("5")  # peak RSS from here: the whole tables were built, then freed
+ids = torch.randint(0, 4096, (8, 256), generator=torch.Generator().manual_seed(rank))
+step, _ = train_step(model, ids)
+for _ in range(2):  # the second step runs with the optimizer state in place
+    step()
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+open(f"{out}/{rank}.json", "w").write(json.dumps(peak - before))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_the_plan_is_within_15_percent_of_a_sharded_rank(checkpointing, tmp_path):
+    """Peak RSS per rank of 2 sharded CPU ranks (micro, diff_lr, 262K experts, batch 8 x 256, two training
+    steps, measured after the tables were sharded) against `tsparse.plan`'s total for them."""
+    import subprocess
+    import sys
+
+    from tsparse.config import compose_config
+    from tsparse.plan import memory_plan
+
+    overrides = ["model=micro", "+experiment=diff_lr", "peer.num_experts=262144", "data.batch_size=8",
+                 "data.block_size=256", "trainer=ddp", "trainer.devices=2", "tables=sharded",
+                 f"model.activation_checkpointing={checkpointing}"]
+    script = tmp_path / "measure.py"
+    script.write_text(MEASURE_RANK)
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "store"), str(tmp_path), *overrides])
+             for r in (0, 1)]
+    assert [p.wait(timeout=900) for p in procs] == [0, 0]
+    measured = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    planned = memory_plan(compose_config(overrides))["total"]
+    print(f"activation_checkpointing={checkpointing}: measured {[m / 2**20 for m in measured]} MiB per rank, "
+          f"planned {planned / 2**20:.0f} MiB")
+    for m in measured:
+        assert planned == pytest.approx(m, rel=0.15)

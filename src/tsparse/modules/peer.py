@@ -158,15 +158,17 @@ class PEER(SparseModule):
         return scores.view(shape), idx.view(shape)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x [..., dim] -> the delta [..., dim] to add to the decoder layer's output."""
-        h = self._normed(x)
-        scores, idx = self._retrieve(h)
-        gate = scores.softmax(dim=-1) if self.gate == "softmax" else F.relu(scores)
-        idx, gate = idx.flatten(1), gate.flatten(1)                   # [M, h*k]
-        if self.shards is None:
-            out = mix_experts(h, idx, gate, self.down.weight, self.up.weight, self.sparse_grad)
-        else:
-            out = sharded_mix_experts(h, idx, gate, self.down.weight, self.up.weight, self.shards)
+        """x [..., dim] -> the delta [..., dim] to add to the decoder layer's output. PEER computes in fp32,
+        also under autocast (bf16-mixed): its fused kernels mix fp32 tables with the weights they compute."""
+        with torch.autocast(x.device.type, enabled=False):
+            h = self._normed(x)
+            scores, idx = self._retrieve(h)
+            gate = scores.softmax(dim=-1) if self.gate == "softmax" else F.relu(scores)
+            idx, gate = idx.flatten(1), gate.flatten(1)                   # [M, h*k]
+            if self.shards is None:
+                out = mix_experts(h, idx, gate, self.down.weight, self.up.weight, self.sparse_grad)
+            else:
+                out = sharded_mix_experts(h, idx, gate, self.down.weight, self.up.weight, self.shards)
 
         if self.track_stats and not recomputing():
             with torch.no_grad():

@@ -37,9 +37,11 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 # TinyLlama's real shape on CPU, offline (random-init base): train 3 steps -> export -> reload -> generate ->
-# lm-eval, with wall time and peak RSS per stage (~20 GiB of RAM, tens of minutes on 2 cores).
+# lm-eval, with wall time and peak RSS per stage (~20 GiB of RAM, tens of minutes on 2 cores). RANKS=2: on 2
+# CPU ranks with sharded tables and a bf16 base.
+RANKS ?= 1
 rehearse: install
-	$(PY) -m tsparse.rehearse
+	$(PY) -m tsparse.rehearse --ranks $(RANKS)
 
 # On one CUDA GPU, under 5 minutes: eager and compiled training, generation with and without the KV cache,
 # 2-GPU DDP when two are visible, bench=tinyllama. Exits 2 without CUDA.

@@ -222,8 +222,11 @@ def table_owners(module: nn.Module, tables: list[Tensor]) -> list[tuple[nn.Modul
 def scatter_rows(full: Tensor, shards: RowShards) -> Tensor:
     """Rank 0's rows [start, stop) of `full`, on each rank (one dense scatter of equal, padded blocks)."""
     block = full.new_zeros(shards.block, *full.shape[1:])
-    blocks = list(F.pad(full, (0, 0, 0, shards.block * shards.world - len(full))).chunk(shards.world)) \
-        if shards.rank == 0 else None
+    blocks = None
+    if shards.rank == 0:  # views of `full`; only a short last block is copied, padded
+        blocks = [b if len(b) == shards.block else F.pad(b, (0, 0, 0, shards.block - len(b)))
+                  for b in full.split(shards.block)]
+        blocks += [torch.zeros_like(block)] * (shards.world - len(blocks))  # ranks that own no row
     dist.scatter(block, blocks, src=0, group=shards.group)
     return block[: shards.stop - shards.start].clone()
 

@@ -17,11 +17,11 @@ def test_rehearsal_at_tinyllama_shape(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sharded_rehearsal_on_two_ranks(tmp_path, capsys):
-    """2 CPU ranks, sharded bf16 tables (262K experts), a bf16 base: 2 steps, both exports (gathered at the end
+    """2 CPU ranks, sharded bf16 tables (262K experts), a bf16 base: 3 steps, both exports (gathered at the end
     of training, and `tsparse.export` from the sharded checkpoint) generate the run dir's greedy tokens."""
     stages = rehearse.main(["--ranks", "2", "--work", str(tmp_path / "work")])
     assert [s.name for s in stages] == [
-        "base (random init)", "train diff_lr 2 steps on 2 ranks, tables sharded", "export", "reload + generate",
+        "base (random init)", "train diff_lr 3 steps on 2 ranks, tables sharded", "export", "reload + generate",
         "reload + generate (the export at the end of training)", "lm_eval --limit 2"]
     assert all(s.ok for s in stages) and max(s.peak_rss for s in stages) < 24 * 2**30
     assert all("generation identical" in s.note for s in stages if s.name.startswith("reload + generate"))

@@ -69,9 +69,10 @@ def test_sigkill_mid_phase_then_resume_matches_uninterrupted(tmp_path, wikitext_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trainer", ["ddp_nccl_rules", "fsdp2_nccl_rules", "ddp_nccl_rules tables=sharded"])
+@pytest.mark.parametrize("trainer", ["ddp_nccl_rules", "fsdp2_nccl_rules", "ddp_nccl_rules tables=sharded",
+                                     "fsdp2_nccl_rules tables=sharded"])
 def test_ddp_sigkill_mid_phase_then_resume_matches_uninterrupted(trainer, tmp_path, wikitext_small, cli, cli_args, repo):
-    """2 ranks (DDP and FSDP2, under NCCL's rules; DDP with sharded tables, whose ranks write their rows):
+    """2 ranks (DDP and FSDP2, under NCCL's rules; with sharded tables too, whose ranks write their rows):
     rank 0 writes the checkpoint files; SIGKILL both ranks after the step-8 checkpoint (inside phase 2, steps
     6-11), and every rank resumes from it to the uninterrupted run's losses."""
     ddp = (*f"trainer={trainer}".split(), "data.batch_size=4", "trainer.max_steps=12", "strategy.phase_steps=6",

@@ -140,7 +140,7 @@ def _restore_shards(rank: int, world: int, store: str, out: str, source: str = "
     model = modules(256, "float32")
     tables = shard_tables_(model, new_group()) if world > 1 else [p for p in tables_of(model).values()]
     checkpoint = torch.load(Path(out) / source, weights_only=True)["checkpoint"]
-    restore_tables(checkpoint, model, [tables])
+    restore_tables(checkpoint, model, [tables], Path(out))
     states = [checkpoint["optimizer_states"][0]["state"][i]["row_sq_sum"] for i in range(len(tables))]
     torch.save({"tables": {k: v for k, v in checkpoint["state_dict"].items() if k.endswith(TABLE_KEYS)},
                 "states": states, "rows": [(s.start, s.stop) for s in (model.peer.shards, model.engram.shards)]

@@ -18,7 +18,7 @@ from tsparse.distributed import (average_dense_grads_, average_row_sparse_grads_
                                  shard_)
 from tsparse.registry import trainable_groups
 from tsparse.optim import SparseAwareAdamW, grad_norm_and_clip_
-from tsparse.sharding import new_group, restore_tables, save_tables, shard_tables_
+from tsparse.sharding import STATE, new_group, restore_tables, save_tables, shard_tables_
 
 
 def next_token_loss(model: nn.Module, input_ids: Tensor) -> Tensor:
@@ -93,6 +93,7 @@ class CausalLMModule(L.LightningModule):
             if self.tables == "sharded" and self.tables_group is None:
                 self.tables_group = new_group()
                 self.sharded_tables = shard_tables_(self.model, self.tables_group)
+                self.strict_loading = not isinstance(self.trainer.strategy, ModelParallelStrategy)
             tables = list(row_sparse_tables(self.model).values())
             self.row_sparse_tables = [t for t in tables if not any(t is s for s in self.sharded_tables)]
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
@@ -113,8 +114,18 @@ class CausalLMModule(L.LightningModule):
             save_tables(checkpoint, self, self.trainer.optimizers[0], folder, self.tables_group)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """The tables in this run's layout, whatever layout and number of ranks wrote them."""
-        restore_tables(checkpoint, self, [params for params in self.trainable_groups().values() if params])
+        """The tables in this run's layout, whatever layout and number of ranks wrote them. FSDP2 loads the
+        file before this hook (without the sharded tables: `strict_loading` is off for them), so under it
+        the tables and their AdaGrad state are put in place here."""
+        groups = [params for params in self.trainable_groups().values() if params]
+        restored = restore_tables(checkpoint, self, groups, Path(self.trainer.ckpt_path).parent)
+        if self.trainer.strategy.restore_checkpoint_after_setup:
+            optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
+            with torch.no_grad():
+                for p, rows, state in restored:
+                    p.copy_(rows)
+                    if state is not None and optimizer is not None:
+                        optimizer.state[p][STATE] = state
 
     def on_fit_start(self) -> None:
         broadcast_(self.row_sparse_tables + self.unsharded)  # every rank starts from rank 0's, as DDP does for the rest

@@ -10,7 +10,7 @@ must agree), and runs `tsparse.lm_eval` on a local 2-document task. Each stage r
 the table gives its wall time and peak RSS. The pieces are `tsparse.stages`, which `tsparse.gpu_check`
 reuses.
 
-`--ranks N` trains on N CPU ranks (`trainer=ddp tables=sharded optim.base_dtype=bfloat16`, 2 steps) and
+`--ranks N` trains on N CPU ranks (`trainer=ddp tables=sharded optim.base_dtype=bfloat16`) and
 exports at the end of training too (rank 0 gathers the tables); generation from that export must agree
 with the run dir's checkpoint read whole in one process. A stage's peak RSS is its largest process's.
 """
@@ -45,15 +45,14 @@ def rehearse(work: Path, experts: int, data_dir: str, ranks: int = 1) -> list[St
     base, run_dir, out, gathered = work / "base", work / "run", work / "export", work / "export-at-end"
     stages = [run_stage("base (random init)", call("random_base", str(base), data_dir), work)]
     sharded = ("trainer=ddp", f"trainer.devices={ranks}", "tables=sharded", "optim.base_dtype=bfloat16",
-               "trainer.max_steps=2", "trainer.val_check_interval=2", f"export_dir={gathered}") if ranks > 1 else ()
+               f"export_dir={gathered}") if ranks > 1 else ()
     train = train_args(work, base, run_dir, data_dir, "data.batch_size=1", "data.block_size=64",
                        f"peer.num_experts={experts}", "peer.table_dtype=bfloat16", "engram.table_dtype=bfloat16",
                        *sharded)
-    steps = 2 if ranks > 1 else 3
     on_ranks = f" on {ranks} ranks, tables sharded" if ranks > 1 else ""
     generate = [("reload + generate (the export at the end of training)",
                  call("compare_generation", str(run_dir), str(gathered)))] if ranks > 1 else []
-    for name, args in ((f"train diff_lr {steps} steps{on_ranks}", train),
+    for name, args in ((f"train diff_lr 3 steps{on_ranks}", train),
                        ("export", ["-m", "tsparse.export", str(run_dir), str(out)]),
                        ("reload + generate", call("compare_generation", str(run_dir), str(out))),
                        *generate,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
+from tsparse.base_dtype import base_in_bf16, store_base_in_bf16
 from tsparse.cli import ArgumentParser, one_line_errors, positive_int
 from tsparse.distributed import row_sparse_tables
 from tsparse.modules.tables import TABLE_DTYPES
@@ -48,10 +49,13 @@ def table_traffic_bytes(cfg: DictConfig, world_size: int) -> int:
 
 
 def checkpoint_bytes(cfg: DictConfig) -> int:
-    """A training checkpoint's tensors: every parameter and buffer in its dtype, plus the optimizer state of
-    the trainable ones (`optim.SparseAwareAdamW`): AdamW's two fp32 moments per dense element (and an fp32
-    master copy if the param is not fp32), row-wise AdaGrad's one fp32 scalar per table row."""
+    """A training checkpoint's tensors: every parameter and buffer in its dtype (the base's projections at
+    `optim.base_dtype`), plus the optimizer state of the trainable ones (`optim.SparseAwareAdamW`): AdamW's
+    two fp32 moments per dense element (and an fp32 master copy if the param is not fp32), row-wise AdaGrad's
+    one fp32 scalar per table row."""
     model = meta_model(cfg)
+    if base_in_bf16(cfg.optim):
+        store_base_in_bf16(model)
     sparse = {id(p) for p in row_sparse_tables(model).values()}
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     for p in (p for params in trainable_groups(model, cfg.optim.base).values() for p in params):

@@ -319,20 +319,23 @@ def read_tables(checkpoint: dict) -> None:
     checkpoint["state_dict"].update(state)
 
 
-def restore_tables(checkpoint: dict, root: nn.Module, groups: list[list[nn.Parameter]]) -> None:
+def restore_tables(checkpoint: dict, root: nn.Module, groups: list[list[nn.Parameter]],
+                   folder: Path) -> list[tuple[nn.Parameter, Tensor, Tensor | None]]:
     """Fill `checkpoint` (in place, before Lightning loads it) with the table rows and AdaGrad state in the
-    layout of `root` on this rank: read from the checkpoint's DCP folder (any number of ranks wrote it), or
-    sliced from whole tables it holds itself. `groups`: the optimizer's param groups."""
+    layout of `root` on this rank: read from the checkpoint's DCP folder (any number of ranks wrote it; a
+    relative name is in `folder`, the file's), or sliced from whole tables it holds itself. `groups`: the
+    optimizer's param groups. Returns (table, rows, AdaGrad state or None) of what was read from the folder."""
     record = checkpoint.pop(KEY, None)
     saved, index = optimizer_state(checkpoint, groups)
+    weights = checkpoint.setdefault("state_dict", {})
     entries = table_entries(root)
     if record is None:
         for key, p, shards in entries:
             if shards is not None:
-                checkpoint["state_dict"][key] = checkpoint["state_dict"][key][shards.start:shards.stop]
+                weights[key] = weights[key][shards.start:shards.stop]
                 if STATE in saved.get(index.get(id(p)), {}):
                     saved[index[id(p)]][STATE] = saved[index[id(p)]][STATE][shards.start:shards.stop]
-        return
+        return []
     state = {}
     for key, p, shards in entries:
         state[key] = torch.empty_like(p.data) if shards is None else as_dtensor(torch.empty_like(p.data), shards)
@@ -340,9 +343,10 @@ def restore_tables(checkpoint: dict, root: nn.Module, groups: list[list[nn.Param
             rows = torch.zeros(len(p), dtype=torch.float32, device=p.device)
             state[f"{key}.{STATE}"] = rows if shards is None else as_dtensor(rows, shards)
     group = next((s.group for *_, s in entries if s is not None), dist.group.WORLD if dist.is_initialized() else None)
-    load_dcp(state, Path(record["dir"]), group)
+    load_dcp(state, folder / record["dir"], group)
     local = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
     for key, p, _ in entries:
-        checkpoint["state_dict"][key] = local[key]
+        weights[key] = local[key]
         if key in record["states"] and id(p) in index:
             saved.setdefault(index[id(p)], {})[STATE] = local[f"{key}.{STATE}"]
+    return [(p, local[key], local.get(f"{key}.{STATE}")) for key, p, _ in entries]

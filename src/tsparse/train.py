@@ -212,10 +212,6 @@ def train_and_test(cfg: DictConfig, phases: list, run_dir: Path, ckpt_dir: Path,
         if ckpt_dir.is_dir():
             remove_stale_temp_files(ckpt_dir)  # a write cut short by a kill
     ckpt_path, resume_step = resolve_ckpt_path(cfg, ckpt_dir) if cfg.train else (None, 0)
-    fsdp2 = any(name in str(cfg.trainer.get("strategy")).lower() for name in ("fsdp2", "modelparallel"))
-    if ckpt_path is not None and cfg.tables.layout == "sharded" and fsdp2 and cfg.trainer.devices > 1:
-        raise ConfigError("resuming trainer=fsdp2 with tables=sharded on several ranks is not supported yet (FSDP2 loads "
-                          "the file before the tables are read); resume with trainer=ddp or trainer=cpu (any layout)")
     if ckpt_path is None and rank_zero_only.rank == 0 and (aside := set_aside_previous_run(run_dir, ckpt_dir)):
         log.info("fresh start in a used run dir: moved the previous run to %s", ", ".join(map(str, aside)))
     write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

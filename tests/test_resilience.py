@@ -1,4 +1,5 @@
 """Crash safety: SIGKILL mid-phase then resume, damaged checkpoints, determinism."""
+import json
 import os
 import signal
 import subprocess
@@ -180,3 +181,26 @@ def test_a_kill_during_a_sharded_save_keeps_the_previous_checkpoint(tmp_path, wi
     assert max(b) == max(a) == 11
     for step in range(12):
         assert abs(a[step]["train/loss"] - b[step]["train/loss"]) < 1e-4, step
+
+
+@pytest.mark.slow
+def test_a_sharded_two_rank_run_resumes_on_one_process_in_its_run_dir(tmp_path, wikitext_small, cli, cli_args):
+    """`trainer=ddp_nccl_rules tables=sharded` for 4 steps, then `trainer=cpu ckpt_path=last` in the same run dir
+    with the global batch on one process: the tables are read whole from the ranks' DCP folder and the run
+    ends where the uninterrupted 2-rank run does (val loss within 1e-3: one process sums in another order)."""
+    common = ("trainer.max_steps=8", "strategy.phase_steps=3", "callbacks.model_checkpoint.monitor=null")
+    on_two = ("trainer=ddp_nccl_rules", "tables=sharded", "data.batch_size=4", *common)
+    full = cli("tsparse.train", *cli_args(tmp_path / "full", wikitext_small, *on_two), timeout=600)
+    assert full.returncode == 0, full.stderr[-2000:]
+    run_dir = tmp_path / "split"
+    first = cli("tsparse.train", *cli_args(run_dir, wikitext_small, *on_two, "trainer.max_steps=4"), timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert list((run_dir / "run" / "checkpoints").glob("last.ckpt.tables-*"))
+    # one process reads the global batch the two ranks shared (2 x 4 samples)
+    resumed = cli("tsparse.train", *cli_args(run_dir, wikitext_small, "trainer=cpu", "tables=sharded", "data.batch_size=8",
+                                             *common, "ckpt_path=last"), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert sorted(logged_train_steps(run_dir / "run")) == list(range(8))
+    a, b = (json.loads((d / "run" / "results.json").read_text()) for d in (tmp_path / "full", run_dir))
+    assert a["global_step"] == b["global_step"] == 8
+    assert a["val/loss"] == pytest.approx(b["val/loss"], abs=1e-3)

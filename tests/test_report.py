@@ -8,6 +8,7 @@ import shutil
 import statistics
 
 import pytest
+import torch
 from matplotlib.image import imread
 
 from helpers import one_error_line, write_run
@@ -58,6 +59,10 @@ def test_report_groups_seeds_and_compares_to_references(sweep, tmp_path, capsys)
     assert by_group["finetune_control"]["trainable_params"] == params["base"]
     assert by_group["baseline"]["trainable_params"] == 0
     assert by_group["baseline"]["tokens_per_sec"] is None and by_group["engram"]["tokens_per_sec"] > 0
+    recorded = results_of(sweep, "engram")[0]["machine"]  # every figure names the CPU and kernels it came from
+    assert recorded["cpu"] and recorded["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    line = f"{recorded['cpu']} ({recorded['cpu_capability']}, {recorded['threads']} threads)"
+    assert {r["machines"] for r in rows} == {line} and line in (out / "report.md").read_text()
 
     ppl = {e: by_group[e]["test_ppl_mean"] for e in EXPERIMENTS}
     for experiment in EXPERIMENTS:

@@ -52,6 +52,7 @@ from tsparse.registry import KINDS, RMS_COMPARISONS
 from tsparse.checks import ConfigError
 from tsparse.cli import ArgumentParser, one_line, one_line_errors
 from tsparse.config import SEED_PART
+from tsparse.machine import describe
 from tsparse.loading import LM_EVAL_RESULTS, read_json
 from tsparse.rundir import set_aside, write_atomic
 
@@ -226,6 +227,7 @@ def summarize(groups: dict[tuple[str, str], list[Run]]) -> list[dict]:
             row[f"{column}_mean"], row[f"{column}_std"] = mean_std(values)
             row[f"{column}_n"] = len(values)
         row["tokens_per_sec"] = mean_std(logged_values(runs, "train_tokens_per_sec"))[0]
+        row["machines"] = "; ".join(sorted({describe(r.results.get("machine")) for r in runs}))
         for column in lm_eval_columns:
             values = [r.lm_eval[column] for r in runs if column in r.lm_eval]
             row[f"{column}_mean"], row[f"{column}_std"] = mean_std(values)
@@ -482,10 +484,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     diagnostics = diagnostics_table(groups)
     sweeps = expert_sweeps(rows)
     experts = (f"\n## Expert count\n\n{experts_table(sweeps)}\n\n![expert count](experts.png)\n" if sweeps else "")
+    machines = "; ".join(sorted({m for row in rows for m in row["machines"].split("; ")}))
     versus = (f"\n## Comparisons (2 std)\n\n{versus_list(rows, args.versus)}\n" if args.versus else "")
     markdown = (
         f"# Results: {len(runs)} runs in {len(groups)} groups\n\n"
         "Mean ± sample std over seeds; Δ in % of the reference experiment's mean test ppl.\n\n"
+        f"Machines (CPU, torch's CPU capability, threads): {machines}.\n\n"
         f"{table}\n"
         + (f"\n## Module diagnostics at the last logged step\n\nMean over layers, then mean ± std over seeds.\n\n"
            f"{diagnostics}\n" if diagnostics else "") + versus + experts)

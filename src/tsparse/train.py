@@ -27,7 +27,8 @@ from tsparse.saving import check_export_target, save_model, save_run_model_card
 from tsparse.lit_module import CausalLMModule, NonFiniteError
 from tsparse.data import build_datamodule
 from tsparse.build import base_path, build_model, check_checkpointing
-from tsparse.loggers import ResumableCSVLogger, use_wandb_offline_without_key
+from tsparse.loggers import ResumableCSVLogger
+from tsparse.machine import machine, use_wandb_offline_without_key
 from tsparse.registry import attached_groups, params_by_group
 from tsparse.sharding import gather_tables_
 from tsparse.rundir import LOCK_FILE, REPLACED, DiskFullError, lock_run_dir, remove_stale_temp_files, set_aside, write_atomic
@@ -257,6 +258,7 @@ def train_and_test(cfg: DictConfig, phases: list, run_dir: Path, ckpt_dir: Path,
     results.update(wall_seconds=time.perf_counter() - start, global_step=trainer.global_step,
                    skipped_steps=module.skipped_steps,
                    train_tokens_per_sec=throughput.average if throughput else None, versions=package_versions(),
+                   machine=machine(),
                    params={k: sum(p.numel() for _, p in v) for k, v in params_by_group(model).items()})
     if base_ppl is not None:
         results["base/test_ppl"] = base_ppl

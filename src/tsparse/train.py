@@ -27,8 +27,8 @@ from tsparse.saving import check_export_target, save_model, save_run_model_card
 from tsparse.lit_module import CausalLMModule, NonFiniteError
 from tsparse.data import build_datamodule
 from tsparse.build import base_path, build_model, check_checkpointing
-from tsparse.loggers import ResumableCSVLogger
-from tsparse.machine import machine, use_wandb_offline_without_key
+from tsparse.loggers import ResumableCSVLogger, use_wandb_offline_without_key
+from tsparse.machine import machine
 from tsparse.registry import attached_groups, params_by_group
 from tsparse.sharding import gather_tables_
 from tsparse.rundir import LOCK_FILE, REPLACED, DiskFullError, lock_run_dir, remove_stale_temp_files, set_aside, write_atomic

@@ -256,3 +256,17 @@ def test_the_plan_is_within_15_percent_of_a_sharded_rank(checkpointing, tmp_path
           f"planned {planned / 2**20:.0f} MiB")
     for m in measured:
         assert planned == pytest.approx(m, rel=0.15)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (("tables.layout=striped",), "tables='striped' is not allowed; choose one of ['replicated', 'sharded']"),
+    (("tables=sharded", "peer.sparse_grad=false"), "tables=sharded shards row-sparse tables, but peer.sparse_grad=false"),
+])
+def test_bad_table_layouts_are_one_line_before_anything_is_written(overrides, needle, compose, nano, tmp_path):
+    from tsparse.checks import ConfigError
+    from tsparse.train import check
+
+    with pytest.raises(ConfigError) as err:
+        check(compose(nano(tmp_path, tmp_path, "sparse=peer", *overrides)))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert not any(tmp_path.iterdir())

@@ -150,23 +150,21 @@ class ShardedExpertMix(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x, idx, gate, pre = ctx.saved_tensors
         (m, n), d = idx.shape, x.shape[1]
-        grad_out = grad_out.contiguous()
+        grad_out, gelu = grad_out.contiguous(), F.gelu(pre)
         grad_x, grad_act = torch.zeros_like(x), torch.empty_like(pre)
-        needs_down, needs_up = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        grads = {t: ShardGrad(ctx.shards, t) for t, needed in ((ctx.down, needs_down), (ctx.up, needs_up)) if needed}
+        down_grad = ShardGrad(ctx.shards, ctx.down) if ctx.needs_input_grad[3] else None
+        up_grad = ShardGrad(ctx.shards, ctx.up) if ctx.needs_input_grad[4] else None
         for c in ctx.chunks:
             route = Route(ctx.shards, idx[c].reshape(-1))
             grad_act[c] = torch.bmm(route.fetch(ctx.up).float().view(-1, n, d), grad_out[c, :, None])[..., 0]
             grad_pre = torch.ops.aten.gelu_backward(grad_act[c] * gate[c], pre[c])
             grad_x[c] = torch.bmm(grad_pre[:, None], route.fetch(ctx.down).float().view(-1, n, d))[:, 0]
-            if needs_down:
-                grads[ctx.down].add(*route.push((grad_pre[..., None] * x[c, None]).view(-1, d)))
-            if needs_up:
-                weight = F.gelu(pre[c]) * gate[c]
-                grads[ctx.up].add(*route.push((weight[..., None] * grad_out[c, None]).view(-1, d)))
-        grad_down = grads[ctx.down].grad() if needs_down else None
-        grad_up = grads[ctx.up].grad() if needs_up else None
-        return grad_x, None, grad_act * F.gelu(pre), grad_down, grad_up, None
+            if down_grad is not None:
+                down_grad.add(*route.push((grad_pre[..., None] * x[c, None]).view(-1, d)))
+            if up_grad is not None:
+                up_grad.add(*route.push(((gelu[c] * gate[c])[..., None] * grad_out[c, None]).view(-1, d)))
+        table_grads = [None if acc is None else acc.grad() for acc in (down_grad, up_grad)]
+        return grad_x, None, grad_act * gelu, *table_grads, None
 
 
 @torch.compiler.disable  # eager regions under torch.compile: collectives and sparse grads
@@ -247,14 +245,10 @@ def gather_tables_(model: nn.Module, dst: int = 0) -> None:
             module.shards = None
 
 
-def mesh_of(group, device: torch.device) -> DeviceMesh:
-    return DeviceMesh.from_group(group, device_type=device.type)
-
-
 def as_dtensor(local: Tensor, shards: RowShards) -> DTensor:
     """This rank's rows as a DTensor over the group (Shard(0) of the whole table): what DCP saves and reshards."""
     shape = (shards.num_rows, *local.shape[1:])
-    return DTensor.from_local(local, mesh_of(shards.group, local.device), [Shard(0)], run_check=False, shape=shape,
+    return DTensor.from_local(local, DeviceMesh.from_group(shards.group, device_type=local.device.type), [Shard(0)], run_check=False, shape=shape,
                               stride=torch.empty(shape, device="meta").stride())
 
 

@@ -5,6 +5,11 @@ PY := $(VENV)/bin/python
 
 .PHONY: install run study pretrain test test-slow rehearse gpu-check clean
 
+# CPU kernels pinned to AVX2 (tsparse.machine.PINNED_KERNELS): a seeded build then gives the same bytes on
+# every x86-64 CPU with AVX2, at no measured speed cost (docs/reliability.md#bytes-across-machines).
+# `make run PINNED=` runs with torch's own choice of kernels.
+PINNED ?= ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2
+
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -14,21 +19,21 @@ install: $(PY)
 
 # The pretrained micro base every augmentation run loads (built once, ~15 min on 2 CPU cores).
 artifacts/micro-base/config.json: | install
-	$(PY) -m tsparse.train +experiment=pretrain_micro
+	$(PINNED) $(PY) -m tsparse.train +experiment=pretrain_micro
 
 # The main job on the embedded offline default (micro LLaMA + local WikiText-2): the differential-LR
 # triple-sparse run (resumed, not overwritten, if it exists).
 run: install artifacts/micro-base/config.json
-	$(PY) -m tsparse.train +experiment=diff_lr ckpt_path=auto
+	$(PINNED) $(PY) -m tsparse.train +experiment=diff_lr ckpt_path=auto
 
-# A study of docs/results.md (STUDY=quality|experts|ablations|schedule, conf/study/): its cells x 3 seeds, then its
+# A study of docs/results.md (STUDY=quality|experts|ablations|schedule|init|routing, conf/study/): its cells x 3 seeds, then its
 # report in outputs/study/micro/reports/$(STUDY)/. Re-running it resumes an interrupted study.
 STUDY ?= quality
 study: install artifacts/micro-base/config.json
-	$(PY) -m tsparse.train -m +study=$(STUDY)
+	$(PINNED) $(PY) -m tsparse.train -m +study=$(STUDY)
 
 pretrain: install
-	$(PY) -m tsparse.train +experiment=pretrain_micro
+	$(PINNED) $(PY) -m tsparse.train +experiment=pretrain_micro
 
 test: install
 	$(PY) -m pytest -q --durations=15

@@ -174,3 +174,36 @@ def test_compressed_tokens_follow_the_official_normaliser(wikitext_small):
     assert len(partial) > 10, "a byte-level BPE has partial UTF-8 tokens"
     assert len({token_map[i] for i in partial}) == len(partial), "partial-byte tokens keep distinct ids"
     assert max(token_map) < len(tok) and len(set(token_map)) < len(tok)
+
+
+
+def test_bypassing_modules_gives_the_base_with_the_same_weights(base_dir):
+    base = LlamaForCausalLM.from_pretrained(base_dir).eval()
+    model = from_base(base_dir, "hybrid")
+    with torch.no_grad():
+        for module in model.sparse_modules().values():  # off the identity
+            for p in module.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        full = model(IDS).logits
+        with model.bypassing("engram", "peer"):
+            bypassed = model(IDS).logits
+        again = model(IDS).logits
+    assert not torch.allclose(full, base(IDS).logits, atol=1e-3)
+    torch.testing.assert_close(bypassed, base(IDS).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(again, full, atol=0, rtol=0)  # every module back on exit
+    with pytest.raises(ValueError, match="residual module cannot be bypassed"):
+        with from_base(base_dir, "mhc").bypassing("mhc"):
+            pass
+
+
+@pytest.mark.parametrize("kind", ["engram", "peer"])
+def test_default_init_is_pytorchs_and_not_an_identity(kind, base_dir):
+    """`init: default` (the init ablation): the tables get nn.Embedding's N(0, 1) rows and the output moves."""
+    base = LlamaForCausalLM.from_pretrained(base_dir).eval()
+    model = from_base(base_dir, kind, **{kind: {"init": "default"}})
+    table = model.sparse_modules()[f"{kind}.L{SPECS[kind].layers[0]}"].table_parameters()[0]
+    assert 0.9 < table.std().item() < 1.1
+    with torch.no_grad():
+        assert not torch.allclose(model(IDS).logits, base(IDS).logits, atol=1e-2)
+    with pytest.raises(ConfigError, match=rf"{kind}.init='zero' is not allowed"):
+        dataclasses.replace(SPECS[kind], init="zero")

@@ -256,3 +256,16 @@ def test_report_refuses_to_replace_its_file_once_edited(runs, capsys):
     err = one_error_line(capsys, lambda: report.main([str(runs)]))
     assert "report.md" in err and "report.csv" not in err and "--overwrite" in err
     assert (runs / "report.md").read_text().endswith("my notes\n")
+
+
+def test_lr_schedules_are_the_configs_exact_phases_with_frozen_groups(compose, tmp_path):
+    cfg = compose(["model=nano", "+experiment=staggered", "trainer.max_steps=150"])
+    starts, lrs, frozen = report.scheduled_lrs(report.Run(tmp_path, cfg, {}))
+    assert starts == [50, 100]  # exact, not the step of the next logged LR
+    assert set(lrs) == {"engram", "engram_table", "peer", "peer_table", "mhc"}
+    assert lrs["engram_table"][0] == 10.0 and lrs["peer"][149] == 1e-3
+    assert frozen["peer_table"][:50] == [True] * 50 and not any(frozen["peer_table"][50:])
+    assert frozen["engram"][50:100] == [True] * 50 and not any(frozen["engram"][:50] + frozen["engram"][100:])
+    image = imread(io.BytesIO(report.png(report.plot_lr_schedules({("staggered", "staggered"): [report.Run(
+        tmp_path, cfg, {})]}))))
+    assert image[..., :3].std() > 0.01

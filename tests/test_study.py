@@ -48,7 +48,7 @@ def compose_study(study, *overrides):
         return hydra_compose("train", overrides=[f"+study={study}", *overrides], return_hydra_config=True)
 
 
-@pytest.mark.parametrize("study", ["quality", "experts", "ablations", "schedule"])
+@pytest.mark.parametrize("study", ["quality", "experts", "ablations", "schedule", "init", "routing"])
 def test_every_cell_of_a_study_composes_with_its_budget(study):
     """Each cell as the sweeper composes it: the sweep's overrides first, then the command line's."""
     experiments = compose_study(study).hydra.sweeper.params["+experiment"].split(",")
@@ -59,12 +59,22 @@ def test_every_cell_of_a_study_composes_with_its_budget(study):
     versus = compose_study(study).hydra.callbacks.report.get("versus", [])
     assert {name for pair in versus for name in pair.split(":")} <= set(names)  # the report's pairs are cells
     for experiment, cell in cells.items():
-        assert cell.trainer.max_steps == (450 if experiment.endswith("_3x") else 150), experiment
+        scale = {"_3x": 3, "_2x": 2}.get(experiment[-3:], 1)
+        assert cell.trainer.max_steps == 150 * scale, experiment
     if study == "experts":
         counts = {(c.experiment_name, c.peer.num_experts) for c in cells.values() if "peer" in c.sparse.modules}
         assert counts == {("peer_4k", 4096), ("peer", 16384), ("peer_65k", 65536), ("peer_262k", 262144),
                           ("joint", 16384), ("triple_262k", 262144)}
         assert cells["experts/triple_262k"].sparse.modules == ["engram", "peer", "mhc"]
+    if study == "init":
+        inits = {(c.experiment_name, kind, c[kind].init) for c in cells.values() for kind in c.sparse.modules}
+        assert inits == {("engram", "engram", "identity"), ("engram_default_init", "engram", "default"),
+                         ("peer", "peer", "identity"), ("peer_default_init", "peer", "default")}
+    if study == "routing":
+        peers = {(c.experiment_name, c.peer.num_experts, c.peer.query_batchnorm, c.trainer.max_steps)
+                 for c in cells.values() if "peer" in c.sparse.modules}
+        assert peers == {("peer", 16384, False, 150), ("peer_262k", 262144, False, 150),
+                         ("peer_262k_batchnorm", 262144, True, 150), ("peer_262k_2x", 262144, False, 300)}
     elif study == "schedule":
         assert cells["schedule/diff_lr_3x"].strategy.phase_steps == 150  # each phase = joint's whole budget
         assert [p.steps for p in cells["schedule/joint_3x"].strategy.phases] == [450]

@@ -13,7 +13,8 @@ modules, and every module starts as an exact identity.
 """
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -206,6 +207,24 @@ class TsparseForCausalLM(_SparseModuleInit, LlamaForCausalLM):
         """`{kind}.L{layer}` -> module, for every attached sparse module."""
         return {f"{kind}.L{i}": module for i, layer in enumerate(self.model.layers) for kind in KINDS
                 if (module := getattr(layer, kind)) is not None}
+
+    @contextmanager
+    def bypassing(self, *kinds: str) -> Iterator[TsparseForCausalLM]:
+        """This model without its `kinds` modules (the same weights, nothing copied): every layer skips them
+        while the context lasts. Only modules on a layer's input or output can be left out; a residual
+        module carries the streams."""
+        layers = self.model.layers
+        if any(kind in layer.attached["residual"] for layer in layers for kind in kinds):
+            raise ValueError(f"{kinds}: a residual module cannot be bypassed (it carries the residual streams)")
+        attached = [{point: list(names) for point, names in layer.attached.items()} for layer in layers]
+        for layer in layers:
+            for names in layer.attached.values():
+                names[:] = [n for n in names if n not in kinds]
+        try:
+            yield self
+        finally:
+            for layer, saved in zip(layers, attached):
+                layer.attached = saved
 
 
 AutoModelForCausalLM.register(TsparseConfig, TsparseForCausalLM)

@@ -48,6 +48,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tsparse.callbacks import PhaseLRCallback, parse_phases
 from tsparse.registry import KINDS, RMS_COMPARISONS
 from tsparse.checks import ConfigError
 from tsparse.cli import ArgumentParser, one_line, one_line_errors
@@ -351,20 +352,21 @@ def check_pairs(pairs: list[str], experiments: set[str]) -> None:
 
 
 def plot_experts(sweeps: dict[str, list[dict]]) -> Figure:
-    """Test ppl (mean ± std over seeds; one panel per family, their scales differ), total params and
-    training tokens/s against the expert count (log x)."""
+    """Test ppl (mean ± 2 std over seeds, the bar of the 2-std rule; one panel per family, their scales differ),
+    total params and training tokens/s (from zero) against the expert count (log x)."""
     fig = Figure(figsize=(4.3 * (len(sweeps) + 2), 4), dpi=100, layout="constrained")
     axes = fig.subplots(1, len(sweeps) + 2)
     for ax, (family, rows) in zip(axes, sweeps.items()):
         ax.errorbar([r["experts"] for r in rows], [r["test_ppl_mean"] for r in rows],
-                    yerr=[r["test_ppl_std"] or 0 for r in rows], marker="o", capsize=3)
-        ax.set(title=family, ylabel="test ppl (mean ± std over seeds)")
+                    yerr=[2 * (r["test_ppl_std"] or 0) for r in rows], marker="o", capsize=3)
+        ax.set(title=family, ylabel="test ppl (mean ± 2 std over seeds, the verdicts' bar)")
     for family, rows in sweeps.items():
         counts = [r["experts"] for r in rows]
         axes[-2].plot(counts, [r["total_params"] / 1e6 for r in rows], marker="o", label=family)
         axes[-1].plot(counts, [r["tokens_per_sec"] or float("nan") for r in rows], marker="o", label=family)
     axes[-2].set(yscale="log", ylabel="total params (M)")
     axes[-1].set(ylabel="training tokens/s")
+    axes[-1].set_ylim(bottom=0)
     axes[-1].legend(fontsize="small")
     for ax in axes:
         ax.set_xscale("log", base=2)
@@ -439,26 +441,52 @@ def plot_loss_curves(groups: dict[tuple[str, str], list[Run]]) -> Figure:
     return fig
 
 
+def scheduled_lrs(run: Run) -> tuple[list[int], dict[str, list[float]], dict[str, list[bool]]]:
+    """(phase starts, LR per trained param group at every step, whether the group is frozen at that step),
+    from the run's config: its phases times the warmup/cosine multiplier, exactly as PhaseLRCallback sets
+    them (the logged LRs are sampled every few steps, which moves the phase changes); nothing for a run
+    without phases."""
+    phases = OmegaConf.select(run.cfg, "strategy.phases")
+    if not phases:
+        return [], {}, {}
+    optim = run.cfg.get("optim", {})
+    schedule = PhaseLRCallback(parse_phases(OmegaConf.to_container(phases, resolve=True)), optim.get("schedule", "constant"),
+                               optim.get("warmup_steps", 0))
+    total = int(run.cfg.trainer.max_steps)
+    trained = [g for kind in run.modules for g in KINDS[kind].groups]
+    trained += ["base"] if OmegaConf.select(run.cfg, "optim.base") != "frozen" else []
+    steps = range(total)
+    lrs = {g: [schedule.learning_rates(s, total).get(g, math.nan) for s in steps] for g in trained}
+    frozen = {g: [schedule.phases[schedule.phase_index(s)].freezes(g) for s in steps] for g in trained}
+    return [s for s in schedule.starts if 0 < s < total], lrs, frozen
+
+
 def plot_lr_schedules(groups: dict[tuple[str, str], list[Run]]) -> Figure:
+    """Each experiment's LRs per param group (its first run's config, every step) on a log axis: solid while
+    the group trains, dotted while it is frozen; dashed verticals at the phase changes."""
     first_runs = {name: runs[0] for (_, name), runs in groups.items()}
-    schedules = {name: sorted({c for values in run.metrics.values() for c in values if c.startswith("lr-")})
-                 for name, run in first_runs.items()}
-    schedules = {name: columns for name, columns in schedules.items() if columns}
+    schedules = {name: scheduled_lrs(run) for name, run in first_runs.items()}
+    schedules = {name: s for name, s in schedules.items() if s[1]}
     cols = min(3, max(1, len(schedules)))
     rows = max(1, math.ceil(len(schedules) / cols))
     fig = Figure(figsize=(4.5 * cols, 3.5 * rows), dpi=100, layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, (name, columns) in zip(axes, schedules.items()):
-        for column in columns:
-            ax.plot(*mean_curve([first_runs[name]], column), label=column.split("/")[-1], drawstyle="steps-post")
+    for ax, (name, (starts, lrs, frozen)) in zip(axes, schedules.items()):
+        for group, values in lrs.items():
+            trained = [v if not f else math.nan for v, f in zip(values, frozen[group])]
+            line, = ax.plot(trained, label=group, drawstyle="steps-post")
+            if any(frozen[group]):
+                ax.plot([v if f else math.nan for v, f in zip(values, frozen[group])], ls=":", c=line.get_color(),
+                        drawstyle="steps-post", label=f"{group} (frozen)")
+        for start in starts:
+            ax.axvline(start, ls="--", c="grey", lw=0.8)
         ax.set_title("\n".join(textwrap.wrap(f"{name} (seed {first_runs[name].seed})", 40)), fontsize="small")
-        ax.set(xlabel="step", ylabel="learning rate")
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-        ax.legend(fontsize="small")
+        ax.set(xlabel="step", ylabel="learning rate", yscale="log")
+        ax.legend(fontsize="x-small")
     for ax in axes[len(schedules):]:
         ax.set_axis_off()
     if not schedules:
-        axes[0].text(0.5, 0.5, "no LR logged", ha="center", va="center")
+        axes[0].text(0.5, 0.5, "no trained param group", ha="center", va="center")
     return fig
 
 

@@ -8,7 +8,7 @@ from typing import Callable
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig
 
-from tsparse.checks import ConfigError, check_bool, check_choice, check_min, check_positive
+from tsparse.checks import ConfigError, check_choice, check_min, check_positive
 from tsparse.cli import hydra_main, one_line_errors
 from tsparse.config import config_dir
 from tsparse.registry import KINDS
@@ -39,7 +39,7 @@ BENCH_KEYS: dict[str, Callable[[str, object], None]] = {
     "name": lambda k, v: check_choice(k, v, FAMILIES),
     **{key: lambda k, v: check_min(k, v, 1) for key in _COUNTS},
     "warmup": lambda k, v: check_min(k, v, 0),
-    "interleave": check_bool,
+    "pair_with": lambda k, v: check_choice(k, v, ["baseline", "bypass", "none"]),
     "threads": lambda k, v: v is None or check_min(k, v, 1),
     "bf16_table_bytes": check_positive,
     "table_dtype": lambda k, v: check_choice(k, v, ["float32", "bfloat16"]),

@@ -3,10 +3,14 @@ time vs PEER's expert count, at random init.
 
 Models are built at random init (weights do not affect speed) for the no-PEER baseline, each
 expert count, and each extra module set (`bench.module_sets`, inference only: per-module overhead).
-Every inference is timed interleaved with the baseline's (`bench.interleave`), every training step (forward, backward,
-clipping, optimizer step; frozen base) with the first expert count's, on the row-sparse path
-(row-wise AdaGrad on the tables) and the dense path (dense grads, AdamW): figures are medians of
-`iters` repeats after `warmup`, ratios and differences are medians of the per-repeat pairs.
+Every inference is timed interleaved with the baseline's (`bench.pair_with`): a baseline model of its own
+(`baseline`), or the same model with its modules bypassed (`bypass`: the same base weights, and no second
+base in memory, which TinyLlama dims need). Every training step (forward, backward, clipping, optimizer
+step; frozen base) is timed with the first expert count's (interleaved with `baseline`, unpaired with
+`bypass`), on the row-sparse path (row-wise AdaGrad on the tables) and the dense path (dense grads,
+AdamW): figures are medians of `iters` repeats after `warmup`, ratios and differences are medians of the
+per-repeat pairs. The verdict on the seed's "throughput stays constant": the largest expert count keeps at
+least `CONSTANT` of the smallest's paired tokens/s.
 `bench.compile` (a module set) times that set's training step eagerly and with `compile: true`,
 interleaved. Writes bench.csv, bench.json, bench.md and PNG plots into the run directory.
 """
@@ -25,6 +29,7 @@ from omegaconf import DictConfig, open_dict
 from tsparse.bench.timing import interleaved, paired, rss_bytes, spread
 from tsparse.lit_module import compiled, next_token_loss
 from tsparse.build import architecture_model
+from tsparse.machine import describe, machine
 from tsparse.optim import SparseAwareAdamW, grad_norm_and_clip_
 from tsparse.registry import param_counts_by_kind, trainable_groups
 
@@ -39,13 +44,18 @@ def build(cfg: DictConfig, modules: list[str], experts: int, sparse_grad: bool) 
     return architecture_model(cfg)
 
 
-def inference(model, ids):
-    """One forward over `ids` without a KV cache (bf16 autocast on CUDA)."""
+# "Throughput stays constant", read as: the largest expert count keeps >= 95% of the smallest's tokens/s
+# (the seed's own figures give 26,262 / 26,521 = 0.990 from 16K to 803K, and 0.973 of the base).
+CONSTANT = 0.95
+
+
+def inference(model, ids, bypass: tuple[str, ...] = ()):
+    """One forward over `ids` without a KV cache (bf16 autocast on CUDA), with the `bypass` modules left out."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.is_cuda)
 
     @torch.inference_mode()
     def forward():
-        with autocast:
+        with autocast, model.bypassing(*bypass):
             model(input_ids=ids, use_cache=False)
 
     return forward
@@ -116,6 +126,7 @@ def run(cfg: DictConfig, out_dir: Path) -> str:
     specs += [("+".join(m), list(m), cfg.peer.num_experts) for m in cfg.bench.module_sets]
     rows = []
     base_forward, base_median, first_steps = None, None, {}  # kept alive: rows are timed interleaved with them
+    first_medians: dict[str, float] = {}  # unpaired training steps (pair_with: bypass): the first count's medians
     for label, modules, experts in specs:
         gc.collect()
         if device.type == "cuda":
@@ -126,12 +137,16 @@ def run(cfg: DictConfig, out_dir: Path) -> str:
         row.update({f"params_{kind}": n for kind, n in param_counts_by_kind(model).items()})
         row["params_total"] = sum(v for k, v in row.items() if k.startswith("params_"))
         forward = inference(model, ids)
-        times = timings(forward, cfg, base_forward)
+        bypassed = modules and cfg.bench.pair_with == "bypass"
+        times = timings(forward, cfg, inference(model, ids, tuple(modules)) if bypassed else base_forward)
         s, tokens = spread(times["this"]), ids.numel()
         base_median = base_median or s["median"]
+        ratios = spread([b / t for b, t in zip(times["reference"], times["this"])]) if "reference" in times else None
         row.update(infer_tok_s=tokens / s["median"], infer_tok_s_q1=tokens / s["q3"], infer_tok_s_q3=tokens / s["q1"],
-                   infer_vs_baseline=paired(times, "reference", "this") if base_forward else base_median / s["median"])
-        if cfg.bench.interleave and base_forward is None:
+                   infer_vs_baseline=ratios["median"] if ratios else base_median / s["median"],
+                   infer_vs_baseline_q1=ratios["q1"] if ratios else None,
+                   infer_vs_baseline_q3=ratios["q3"] if ratios else None)
+        if cfg.bench.pair_with == "baseline" and base_forward is None:
             base_forward = forward
         row["model_gb"] = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 1e9
         row["memory_gb"] = (torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_bytes() - before) / 1e9
@@ -144,13 +159,19 @@ def run(cfg: DictConfig, out_dir: Path) -> str:
                 gc.collect()
                 model = build(cfg, modules, experts, sparse_grad=False).to(device)
             step, optimizer = train_step(model.train(), ids)
-            first = first_steps.setdefault(path, step)
-            times = timings(step, cfg, None if first is step else first)
+            if cfg.bench.pair_with == "baseline":  # interleaved with the first count's step, kept alive
+                first = first_steps.setdefault(path, step)
+                times = timings(step, cfg, None if first is step else first)
+            else:  # unpaired: against the first count's median
+                first, times = step, timings(step, cfg)
+                first_medians.setdefault(path, statistics.median(times["this"]))
             s = spread(times["this"])
+            first_s = first_medians.get(path, s["median"])
             row.update({f"{path}_step_s": s["median"], f"{path}_step_s_q1": s["q1"], f"{path}_step_s_q3": s["q3"],
                         f"{path}_table_state_ratio": table_state_ratio(model, optimizer),
-                        f"{path}_step_vs_first": 1.0 if first is step else paired(times, "this", "reference"),
-                        f"{path}_step_minus_first_s": 0.0 if first is step else statistics.median(
+                        f"{path}_step_vs_first": s["median"] / first_s if first is step else paired(
+                            times, "this", "reference"),
+                        f"{path}_step_minus_first_s": s["median"] - first_s if first is step else statistics.median(
                             a - b for a, b in zip(times["this"], times["reference"]))})
             print(f"[bench] {label}: {path} training step {s['median'] * 1e3:.1f} ms "
                   f"({row[f'{path}_step_minus_first_s'] * 1e3:+.1f} ms vs the first count), table optimizer state "
@@ -179,11 +200,21 @@ def write_outputs(rows: list[dict], cfg: DictConfig, out_dir: Path, compile_row:
         writer.writeheader()
         writer.writerows(rows)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    meta = {"preset": cfg.bench.name, "device": device, "batch_size": cfg.bench.batch_size,
+    meta = {"preset": cfg.bench.name, "device": device, "pair_with": cfg.bench.pair_with, "machine": machine(),
+            "batch_size": cfg.bench.batch_size,
             "seq_len": cfg.bench.seq_len, "warmup": cfg.bench.warmup, "iters": cfg.bench.iters,
             "table_dtype": cfg.bench.table_dtype, "torch": torch.__version__}
-    (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows, "compile": compile_row}, indent=2))
+    verdict = constant_verdict(rows)
+    (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows, "compile": compile_row,
+                                                    "constant": verdict}, indent=2))
     table = markdown_table(rows, cfg.bench.train_paths, meta)
+    if verdict:
+        v = verdict
+        table += (f"\nThroughput vs expert count, paired with the baseline: {v['last']} keeps {v['ratio']:.3f} of "
+                  f"{v['first']}'s tokens/s ({v['last']} / baseline {v['last_vs_baseline']:.3f}, IQR "
+                  f"{v['last_q1']:.3f}-{v['last_q3']:.3f}; {v['first']} / baseline {v['first_vs_baseline']:.3f}, "
+                  f"IQR {v['first_q1']:.3f}-{v['first_q3']:.3f}). \"Throughput stays constant\" (>= {CONSTANT} "
+                  f"of the smallest count's): **{'holds' if v['holds'] else 'does not hold'}** here.\n")
     if compile_row is not None:
         c = compile_row
         table += (f"\nTraining step of {c['modules']} with `compile: true` (torch.compile, inductor) vs eager, "
@@ -196,14 +227,33 @@ def write_outputs(rows: list[dict], cfg: DictConfig, out_dir: Path, compile_row:
     return table
 
 
+def constant_verdict(rows: list[dict]) -> dict | None:
+    """The largest expert count's paired tokens/s over the smallest's (each against the baseline), judged
+    against CONSTANT; None without two PEER counts."""
+    peers = [r for r in rows if r["config"].startswith("peer-")]
+    if len(peers) < 2:
+        return None
+    first, last = peers[0], peers[-1]
+    ratio = last["infer_vs_baseline"] / first["infer_vs_baseline"]
+    return {"first": first["config"], "last": last["config"], "ratio": ratio, "holds": ratio >= CONSTANT,
+            "threshold": CONSTANT, **{f"{name}_vs_baseline": r["infer_vs_baseline"] for name, r in
+                                      (("first", first), ("last", last))},
+            **{f"{name}_{q}": r[f"infer_vs_baseline_{q}"] or r["infer_vs_baseline"] for name, r in
+               (("first", first), ("last", last)) for q in ("q1", "q3")}}
+
+
 def markdown_table(rows: list[dict], train_paths, meta: dict) -> str:
     head = ["config", "params", "weights GB", "measured GB", "infer tok/s (IQR)", "vs first", "vs baseline"]
     for path in train_paths:
         head += [f"{path} step ms (IQR)", f"{path} vs first", f"{path} − first ms", f"{path} opt state / tables"]
-    lines = [f"Bench `{meta['preset']}` on {meta['device']}, batch {meta['batch_size']} x {meta['seq_len']} tokens, "
-             f"median of {meta['iters']} after {meta['warmup']} warm-up, tables {meta['table_dtype']}. Inference is "
-             "timed interleaved with the baseline, training steps with the first expert count; ratios and "
-             "differences are medians of the per-repeat pairs. "
+    paired_with = {"baseline": "a baseline model, training steps with the first expert count's",
+                   "bypass": "the same model with its modules bypassed (same base weights); training steps are "
+                             "unpaired, against the first expert count's median"}
+    lines = [f"Bench `{meta['preset']}` on {describe(meta['machine'])}, batch "
+             f"{meta['batch_size']} x {meta['seq_len']} tokens, median of {meta['iters']} after {meta['warmup']} "
+             f"warm-up, tables {meta['table_dtype']}. Inference is timed interleaved with "
+             f"{paired_with.get(meta['pair_with'], 'nothing (unpaired)')}; ratios and differences are medians of "
+             "the per-repeat pairs. "
              "Measured memory: CUDA peak on GPU; on CPU the RSS delta of building and running the model "
              "(untouched zero-initialised pages are not resident, so it can be below the weights).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -228,7 +278,7 @@ def plot(rows: list[dict], out_dir: Path) -> None:
 
     sweep = [r for r in rows if r["config"] == "baseline" or r["config"].startswith("peer-")]
     others = [r for r in rows if r not in sweep]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     panels = ((axes[0], "infer_tok_s", "inference tokens/s", "Throughput vs params"),
               (axes[1], "model_gb", "weights (GB)", "Memory vs params"))
     for ax, key, ylabel, title in panels:
@@ -240,6 +290,17 @@ def plot(rows: list[dict], out_dir: Path) -> None:
         ax.set_ylim(bottom=0)
     axes[1].plot([r["params_total"] / 1e6 for r in sweep], [r["memory_gb"] for r in sweep], "x--", label="measured")
     axes[1].legend(fontsize=8)
+    peers = [r for r in sweep if r["config"].startswith("peer-")]
+    x = [r["experts"] for r in peers]
+    y = [r["infer_vs_baseline"] for r in peers]
+    iqr = [[v - (r["infer_vs_baseline_q1"] or v) for v, r in zip(y, peers)],
+           [(r["infer_vs_baseline_q3"] or v) - v for v, r in zip(y, peers)]]
+    axes[2].errorbar(x, y, yerr=iqr, fmt="o-", capsize=3, label="PEER-N / baseline (median, IQR of pairs)")
+    if peers:
+        axes[2].axhline(CONSTANT * y[0], ls="--", c="grey", label=f"{CONSTANT} x the smallest count")
+    axes[2].set(xscale="log", xlabel="experts", ylabel="tokens/s vs baseline (paired)", title="Paired throughput ratio")
+    axes[2].set_ylim(0, 1.1 * max(y + [1.0]))
+    axes[2].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()

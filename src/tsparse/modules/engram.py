@@ -19,7 +19,7 @@ from tokenizers import Regex, normalizers
 from torch import Tensor
 
 from tsparse.checks import ConfigError, check_choice, check_layers, check_min, is_int
-from tsparse.modules.protocol import SparseModule
+from tsparse.modules.protocol import INITS, SparseModule
 from tsparse.modules.stats import rms_ratio
 from tsparse.modules.tables import TABLE_DTYPES
 from tsparse.sharding import sharded_lookup
@@ -51,9 +51,11 @@ class EngramSpec:
     compress_tokens: bool = False  # hash normalised token ids (DeepSeek's compressed tokenizer)
     table_dtype: str = "float32"   # float32 | bfloat16 (storage only)
     sparse_grad: bool = True       # row-sparse table grads + row-wise AdaGrad; false: dense grads + AdamW
+    init: str = "identity"         # identity (zero output at step 0) | default: PyTorch's init (not an identity)
 
     def __post_init__(self):
         check_layers("engram.layers", self.layers)
+        check_choice("engram.init", self.init, INITS)
         orders = list(self.orders)
         if not orders or len(set(orders)) != len(orders) or any(
                 not is_int(n) or n < 2 for n in orders):
@@ -186,7 +188,7 @@ class Engram(SparseModule):
         self.heads_per_order, self.dim_per_order, self.table_rows = spec.heads_per_order, spec.dim_per_order, spec.table_rows
         self.num_heads = len(orders) * spec.heads_per_order
         self.head_dim = spec.dim_per_order // spec.heads_per_order
-        self.sparse_grad = spec.sparse_grad
+        self.sparse_grad, self.init = spec.sparse_grad, spec.init
 
         # Head j hashes order orders[j // heads_per_order] into rows offsets[j] .. offsets[j] + primes[j] - 1.
         # The hash buffers are derived (from the config), so they are not saved with the weights.
@@ -214,11 +216,16 @@ class Engram(SparseModule):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Init weights (y == 0 exactly) and fill the hash buffers."""
-        nn.init.normal_(self.table.weight, std=0.02)
+        """Init weights (y == 0 exactly, unless `init` is default: every layer's own init) and fill the
+        hash buffers."""
         self.key_proj.reset_parameters()
-        nn.init.zeros_(self.value_proj.weight)
-        nn.init.zeros_(self.conv.weight)
+        if self.init == "default":  # nn.Embedding's N(0, 1) rows, nn.Linear's and nn.Conv1d's uniform
+            for layer in (self.table, self.value_proj, self.conv):
+                layer.reset_parameters()
+        else:
+            nn.init.normal_(self.table.weight, std=0.02)
+            nn.init.zeros_(self.value_proj.weight)
+            nn.init.zeros_(self.conv.weight)
         for norm in (self.norm_k, self.norm_q, self.norm_v):
             norm.reset_parameters()
         self.reset_buffers()

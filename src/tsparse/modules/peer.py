@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tsparse.checks import ConfigError, check_choice, check_layers, check_min
-from tsparse.modules.protocol import SparseModule
+from tsparse.modules.protocol import INITS, SparseModule
 from tsparse.modules.stats import rms_ratio
 from tsparse.modules.tables import TABLE_DTYPES
 from tsparse.modules.peer_kernels import SubKeyTopK, mix_experts
@@ -50,9 +50,11 @@ class PEERSpec:
     input_norm: bool = True     # parameter-free RMSNorm on PEER's input (the seed read the raw residual)
     table_dtype: str = "float32"  # float32 | bfloat16: storage only, gathered rows are computed in fp32
     sparse_grad: bool = True    # row-sparse table grads + row-wise AdaGrad; false: dense grads + AdamW
+    init: str = "identity"      # identity (zero output at step 0) | default: PyTorch's init (not an identity)
 
     def __post_init__(self):
         check_layers("peer.layers", self.layers)
+        check_choice("peer.init", self.init, INITS)
         side = experts_side(self.num_experts)
         check_min("peer.heads", self.heads, 1)
         check_min("peer.key_dim", self.key_dim, 1)
@@ -86,7 +88,7 @@ class PEER(SparseModule):
         super().__init__()
         check_min("dim", dim, 1)
         self.dim, self.num_experts, self.side = dim, spec.num_experts, spec.side
-        self.heads, self.top_k, self.key_dim = spec.heads, spec.top_k, spec.key_dim
+        self.heads, self.top_k, self.key_dim, self.init = spec.heads, spec.top_k, spec.key_dim, spec.init
         self.gate, self.input_norm, self.sparse_grad, self.norm_eps = spec.gate, spec.input_norm, spec.sparse_grad, norm_eps
         heads, key_dim, num_experts, side = spec.heads, spec.key_dim, spec.num_experts, self.side
         table_dtype = TABLE_DTYPES[spec.table_dtype]
@@ -103,10 +105,14 @@ class PEER(SparseModule):
 
     @torch.no_grad()
     def reset_parameters(self):
-        nn.init.normal_(self.query.weight, std=self.dim ** -0.5)
         nn.init.normal_(self.keys, std=self.key_dim ** -0.5)
-        nn.init.normal_(self.down.weight, std=self.dim ** -0.5)
-        nn.init.zeros_(self.up.weight)  # exact zero output at init
+        if self.init == "default":  # nn.Linear's and nn.Embedding's own: N(0, 1) expert rows
+            for layer in (self.query, self.down, self.up):
+                layer.reset_parameters()
+        else:
+            nn.init.normal_(self.query.weight, std=self.dim ** -0.5)
+            nn.init.normal_(self.down.weight, std=self.dim ** -0.5)
+            nn.init.zeros_(self.up.weight)  # exact zero output at init
         if self.query_norm is not None:
             self.query_norm.reset_parameters()
         self.reset_buffers()

@@ -5,6 +5,10 @@ import abc
 
 from torch import Tensor, nn
 
+# `<kind>.init` of the kinds that offer it: `identity` (the protocol's, below) or `default`, PyTorch's own init
+# of each layer (the seed's first attempt, which it reports broke the base; the init ablation).
+INITS = ("identity", "default")
+
 
 class SparseModule(nn.Module, abc.ABC):
     """Base class of every module of a kind (`registry.ModuleKind.modules`); the kind contract test

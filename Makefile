@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run study pretrain test test-slow rehearse gpu-check clean
+.PHONY: install run study bases pretrain test test-slow rehearse gpu-check clean
 
-# CPU kernels pinned to AVX2 (tsparse.machine.PINNED_KERNELS): a seeded build then gives the same bytes on
-# every x86-64 CPU with AVX2, at no measured speed cost (docs/reliability.md#bytes-across-machines).
+# CPU kernels pinned to AVX2 (tsparse.machine.PINNED_KERNELS): a seeded build then gave the same bytes with the
+# CPU's AVX-512 on and off, at no measured speed cost (docs/reliability.md#bytes-across-machines).
 # `make run PINNED=` runs with torch's own choice of kernels.
 PINNED ?= ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2
 
@@ -17,7 +17,7 @@ $(PY):
 install: $(PY)
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 
-# The pretrained micro base every augmentation run loads (built once, ~15 min on 2 CPU cores).
+# The pretrained micro base every augmentation run loads (built once, about 11 min on 2 CPU cores).
 artifacts/micro-base/config.json: | install
 	$(PINNED) $(PY) -m tsparse.train +experiment=pretrain_micro
 
@@ -31,6 +31,15 @@ run: install artifacts/micro-base/config.json
 STUDY ?= quality
 study: install artifacts/micro-base/config.json
 	$(PINNED) $(PY) -m tsparse.train -m +study=$(STUDY)
+
+# The bases study (conf/study/bases.yaml): a base pretrained with each of BASE_SEEDS, then the study's cells
+# on each, in outputs/study/micro-seed<N>/ (about 45 min per base on 2 cores).
+BASE_SEEDS ?= 1 2
+artifacts/micro-base-seed%/config.json: | install
+	$(PINNED) $(PY) -m tsparse.train +experiment=pretrain_micro seed=$* model.name_or_path=artifacts/micro-base-seed$*
+
+bases: $(foreach s,$(BASE_SEEDS),artifacts/micro-base-seed$(s)/config.json)
+	for s in $(BASE_SEEDS); do $(PINNED) $(PY) -m tsparse.train -m +study=bases base_seed=$$s || exit $$?; done
 
 pretrain: install
 	$(PINNED) $(PY) -m tsparse.train +experiment=pretrain_micro

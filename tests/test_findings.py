@@ -1,6 +1,7 @@
-"""Every measured number in docs/results.md's Findings table comes from tool output: a report CSV or
-report.md, or a bench output, under docs/results/. Numbers with a decimal point are checked (integers
-there are counts: seeds, steps, experts); each must equal some output value at its printed precision."""
+"""Every measured number in docs/results.md's Findings table comes from tool output under docs/results/:
+a report CSV or report.md, a bench output, or a run's base_results.json. Numbers with a decimal point
+are checked (integers there are counts: seeds, steps, experts); each must equal some output value at
+its printed precision."""
 import re
 from pathlib import Path
 
@@ -8,14 +9,14 @@ import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 NUMBER = re.compile(r"\d[\d,]*\.\d+")
-OUTPUTS = ("report.csv", "report.md", "bench.csv", "bench.md", "bench.json")
+OUTPUTS = ("report.csv", "report.md", "bench.csv", "bench.md", "bench.json", "base_results.json")
 
 
 def findings_evidence(text: str) -> list[str]:
-    """The evidence column (the third) of every row of the Findings table."""
+    """The evidence columns (the third and the fourth, other bases) of every row of the Findings table."""
     section = text.split("## Findings", 1)[1].split("\n### ", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| seed claim")]
-    return [line.split(" | ")[2] for line in rows]
+    return [" | ".join(line.split(" | ")[2:4]) for line in rows]
 
 
 def output_values() -> list[float]:

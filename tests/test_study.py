@@ -48,7 +48,7 @@ def compose_study(study, *overrides):
         return hydra_compose("train", overrides=[f"+study={study}", *overrides], return_hydra_config=True)
 
 
-@pytest.mark.parametrize("study", ["quality", "experts", "ablations", "schedule", "init", "routing"])
+@pytest.mark.parametrize("study", ["quality", "experts", "ablations", "schedule", "init", "routing", "bases"])
 def test_every_cell_of_a_study_composes_with_its_budget(study):
     """Each cell as the sweeper composes it: the sweep's overrides first, then the command line's."""
     experiments = compose_study(study).hydra.sweeper.params["+experiment"].split(",")
@@ -74,13 +74,23 @@ def test_every_cell_of_a_study_composes_with_its_budget(study):
         peers = {(c.experiment_name, c.peer.num_experts, c.peer.query_batchnorm, c.trainer.max_steps)
                  for c in cells.values() if "peer" in c.sparse.modules}
         assert peers == {("peer", 16384, False, 150), ("peer_262k", 262144, False, 150),
-                         ("peer_262k_batchnorm", 262144, True, 150), ("peer_262k_2x", 262144, False, 300)}
+                         ("peer_262k_batchnorm", 262144, True, 150), ("peer_262k_2x", 262144, False, 300),
+                         ("peer_2x", 16384, False, 300)}
     elif study == "schedule":
         assert cells["schedule/diff_lr_3x"].strategy.phase_steps == 150  # each phase = joint's whole budget
         assert [p.steps for p in cells["schedule/joint_3x"].strategy.phases] == [450]
     elif study == "ablations":
         assert cells["ablations/mhc_adapter"].mhc.variant == cells["ablations/joint_adapter"].mhc.variant == "adapter"
         assert cells["ablations/peer_batchnorm"].peer.query_batchnorm and not cells["peer"].peer.query_batchnorm
+    elif study == "bases":  # the same cells as quality's, on another base, in that base's own sweep dir
+        other = compose_study(study, "+experiment=engram", "base_seed=2")
+        assert cells["engram"].model.name_or_path.endswith("/micro-base-seed1")
+        assert other.model.name_or_path.endswith("/micro-base-seed2") and other.hydra.sweep.dir.endswith("/micro-seed2")
+        quality = compose_study("quality", "+experiment=engram")
+        assert cells["engram"].hydra.sweep.dir != quality.hydra.sweep.dir
+        assert (OmegaConf.masked_copy(cells["engram"], ["sparse", "engram", "strategy", "optim", "trainer"]) ==
+                OmegaConf.masked_copy(quality, ["sparse", "engram", "strategy", "optim", "trainer"]))
+        return
     # A cell two studies share is the same run: same run dir, same config.
     shared = compose_study("quality", "+experiment=finetune_control", "seed=1")
     assert (compose_study(study, "+experiment=finetune_control", "seed=1").hydra.job.override_dirname ==

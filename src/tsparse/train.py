@@ -150,8 +150,9 @@ def check(cfg: DictConfig) -> list:
 
 
 def base_test_ppl(cfg: DictConfig, module: CausalLMModule, datamodule, run_dir: Path) -> float | None:
-    """Test perplexity of the model before training, i.e. of the base (every module starts as an
-    identity); measured once per run dir and kept in base_results.json, so a resume reuses it."""
+    """Test perplexity of the model before training: the base's when every module starts as an identity
+    (`<kind>.init=default` does not); measured once per run dir and kept in base_results.json, so a
+    resume reuses it."""
     path = run_dir / "base_results.json"
     if not path.is_file():
         if cfg.trainer.devices != 1:

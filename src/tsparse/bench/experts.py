@@ -126,7 +126,7 @@ def run(cfg: DictConfig, out_dir: Path) -> str:
     specs += [("+".join(m), list(m), cfg.peer.num_experts) for m in cfg.bench.module_sets]
     rows = []
     base_forward, base_median, first_steps = None, None, {}  # kept alive: rows are timed interleaved with them
-    first_medians: dict[str, float] = {}  # unpaired training steps (pair_with: bypass): the first count's medians
+    first_medians: dict[str, float] = {}  # the first count's training-step medians (unpaired steps are set against them)
     for label, modules, experts in specs:
         gc.collect()
         if device.type == "cuda":
@@ -159,24 +159,23 @@ def run(cfg: DictConfig, out_dir: Path) -> str:
                 gc.collect()
                 model = build(cfg, modules, experts, sparse_grad=False).to(device)
             step, optimizer = train_step(model.train(), ids)
-            if cfg.bench.pair_with == "baseline":  # interleaved with the first count's step, kept alive
-                first = first_steps.setdefault(path, step)
-                times = timings(step, cfg, None if first is step else first)
-            else:  # unpaired: against the first count's median
-                first, times = step, timings(step, cfg)
-                first_medians.setdefault(path, statistics.median(times["this"]))
+            reference = None  # the first count's step, kept alive (pair_with: baseline), else unpaired medians
+            if cfg.bench.pair_with == "baseline" and first_steps.setdefault(path, step) is not step:
+                reference = first_steps[path]
+            times = timings(step, cfg, reference)
             s = spread(times["this"])
-            first_s = first_medians.get(path, s["median"])
+            first_s = first_medians.setdefault(path, s["median"])
             row.update({f"{path}_step_s": s["median"], f"{path}_step_s_q1": s["q1"], f"{path}_step_s_q3": s["q3"],
                         f"{path}_table_state_ratio": table_state_ratio(model, optimizer),
-                        f"{path}_step_vs_first": s["median"] / first_s if first is step else paired(
-                            times, "this", "reference"),
-                        f"{path}_step_minus_first_s": s["median"] - first_s if first is step else statistics.median(
-                            a - b for a, b in zip(times["this"], times["reference"]))})
+                        f"{path}_step_vs_first": paired(times, "this", "reference") if reference else
+                        s["median"] / first_s,
+                        f"{path}_step_minus_first_s": statistics.median(
+                            a - b for a, b in zip(times["this"], times["reference"])) if reference else
+                        s["median"] - first_s})
             print(f"[bench] {label}: {path} training step {s['median'] * 1e3:.1f} ms "
                   f"({row[f'{path}_step_minus_first_s'] * 1e3:+.1f} ms vs the first count), table optimizer state "
                   f"{row[f'{path}_table_state_ratio']:.3f}x table memory", flush=True)
-        model = forward = step = optimizer = None  # nothing of this row stays alive during the next build
+        model = forward = step = optimizer = reference = None  # nothing of this row stays alive in the next build
         rows.append(row)
     first = rows[1] if len(rows) > 1 else rows[0]
     for row in rows:
@@ -295,10 +294,12 @@ def plot(rows: list[dict], out_dir: Path) -> None:
     y = [r["infer_vs_baseline"] for r in peers]
     iqr = [[v - (r["infer_vs_baseline_q1"] or v) for v, r in zip(y, peers)],
            [(r["infer_vs_baseline_q3"] or v) - v for v, r in zip(y, peers)]]
-    axes[2].errorbar(x, y, yerr=iqr, fmt="o-", capsize=3, label="PEER-N / baseline (median, IQR of pairs)")
+    axes[2].errorbar(x, y, yerr=iqr, fmt="o-", capsize=3, label="PEER-N / reference (median, IQR of pairs)")
     if peers:
         axes[2].axhline(CONSTANT * y[0], ls="--", c="grey", label=f"{CONSTANT} x the smallest count")
-    axes[2].set(xscale="log", xlabel="experts", ylabel="tokens/s vs baseline (paired)", title="Paired throughput ratio")
+    axes[2].set(xscale="log", xlabel="experts", ylabel="tokens/s vs the reference (paired)", title="Paired throughput ratio")
+    axes[2].set_xticks(x, [f"{n:,}" for n in x], rotation=30, fontsize=8)
+    axes[2].minorticks_off()
     axes[2].set_ylim(0, 1.1 * max(y + [1.0]))
     axes[2].legend(fontsize=8)
     for ax in axes:

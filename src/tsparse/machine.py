@@ -2,8 +2,9 @@
 change a seeded build's bytes from one CPU to another), threads, the GPU if any, and whether the CPU
 kernels were pinned to one instruction set.
 
-`PINNED_KERNELS` is the environment that makes a seeded CPU build the same on every x86-64 CPU with AVX2
-(docs/reliability.md#bytes-across-machines): ATen's kernels and MKL's code path both held at AVX2.
+`PINNED_KERNELS` holds ATen's kernels and MKL's code path at AVX2, so that a seeded CPU build does not
+depend on the CPU's wider instruction sets (the same bytes with AVX-512 on and off, measured on one CPU:
+docs/reliability.md#bytes-across-machines).
 torch reads these once, when its first kernel runs, so they are set before the process starts:
 the Makefile exports them for `make run`, `make study` and `make pretrain`.
 """

@@ -26,8 +26,9 @@ artifacts/micro-base/config.json: | install
 run: install artifacts/micro-base/config.json
 	$(PINNED) $(PY) -m tsparse.train +experiment=diff_lr ckpt_path=auto
 
-# A study of docs/results.md (STUDY=quality|experts|ablations|schedule|init|routing, conf/study/): its cells x 3 seeds, then its
-# report in outputs/study/micro/reports/$(STUDY)/. Re-running it resumes an interrupted study.
+# A study of docs/results.md (STUDY=quality|experts|ablations|schedule|init|routing|proportions,
+# conf/study/): its cells x 3 seeds, then its report in outputs/study/micro/reports/$(STUDY)/.
+# Re-running it resumes an interrupted study.
 STUDY ?= quality
 study: install artifacts/micro-base/config.json
 	$(PINNED) $(PY) -m tsparse.train -m +study=$(STUDY)

@@ -48,7 +48,8 @@ def compose_study(study, *overrides):
         return hydra_compose("train", overrides=[f"+study={study}", *overrides], return_hydra_config=True)
 
 
-@pytest.mark.parametrize("study", ["quality", "experts", "ablations", "schedule", "init", "routing", "bases"])
+@pytest.mark.parametrize("study", ["quality", "experts", "ablations", "schedule", "init", "routing", "bases",
+                                   "proportions"])
 def test_every_cell_of_a_study_composes_with_its_budget(study):
     """Each cell as the sweeper composes it: the sweep's overrides first, then the command line's."""
     experiments = compose_study(study).hydra.sweeper.params["+experiment"].split(",")
@@ -82,6 +83,16 @@ def test_every_cell_of_a_study_composes_with_its_budget(study):
     elif study == "ablations":
         assert cells["ablations/mhc_adapter"].mhc.variant == cells["ablations/joint_adapter"].mhc.variant == "adapter"
         assert cells["ablations/peer_batchnorm"].peer.query_batchnorm and not cells["peer"].peer.query_batchnorm
+    elif study == "proportions":  # each module's share of the base is the seed's (architecture only, no weights)
+        from tsparse.build import architecture_model
+        from tsparse.registry import param_counts_by_kind
+        seed_share = {"engram": 4.5, "mhc": 10.0, "peer": 195.0}
+        for name in ("engram_prop", "mhc_prop", "peer_prop"):
+            counts = param_counts_by_kind(architecture_model(cells[f"proportions/{name}"]))
+            kind = name.removesuffix("_prop")
+            assert abs(100 * counts[kind] / counts["base"] - seed_share[kind]) < 0.5, (name, counts)
+        assert cells["proportions/joint_prop"].sparse.modules == cells["joint"].sparse.modules
+        assert cells["proportions/joint_prop"].peer.num_experts == 14641 != cells["joint"].peer.num_experts
     elif study == "bases":  # the same cells as quality's, on another base, in that base's own sweep dir
         other = compose_study(study, "+experiment=engram", "base_seed=2")
         assert cells["engram"].model.name_or_path.endswith("/micro-base-seed1")

@@ -7,9 +7,12 @@ import json
 import shutil
 import statistics
 
+from pathlib import Path
+
 import pytest
 import torch
 from matplotlib.image import imread
+from omegaconf import OmegaConf
 
 from helpers import one_error_line, write_run
 from tsparse import report
@@ -174,10 +177,29 @@ def test_family_and_experts_of_a_run(sweep):
     assert (run.family, run.experts) == ("engram (joint)", None)
 
 
+def test_setup_is_what_a_run_trains_but_its_expert_count():
+    def setup(**changes):
+        cfg = OmegaConf.create({"seed": 0, "run_name": "peer,seed=0", "paths": {"output_dir": "/runs/a"},
+                                "sparse": {"modules": ["peer"]}, "peer": {"num_experts": 16384, "topk": 16},
+                                "trainer": {"max_steps": 150, "default_root_dir": "/runs/a"}})
+        for key, value in changes.items():
+            OmegaConf.update(cfg, key, value)
+        return report.Run(Path("/runs/a"), cfg, {}).setup
+
+    same = [setup(), setup(**{"peer.num_experts": 262144}), setup(seed=1, run_name="peer_262k,seed=1"),
+            setup(**{"engram.table_rows": 800}),  # a module that is not attached
+            setup(**{"paths.output_dir": "/runs/b", "trainer.default_root_dir": "/runs/b"})]
+    assert len(set(same)) == 1
+    assert setup(**{"trainer.max_steps": 300}) != same[0] != setup(**{"peer.topk": 8})
+    assert setup(**{"sparse.modules": ["peer", "engram"], "engram.table_rows": 800}) != setup(
+        **{"sparse.modules": ["peer", "engram"]})
+
+
 def test_expert_sweep_table_and_plot(tmp_path):
-    def row(family, experts, ppl, std):
+    def row(family, experts, ppl, std, setup="a"):
         return {"family": family, "experts": experts, "total_params": 1_000 * experts, "tokens_per_sec": 1e6 / experts,
-                "test_ppl_mean": ppl, "test_ppl_std": std, "test_ppl_n": 3}
+                "test_ppl_mean": ppl, "test_ppl_std": std, "test_ppl_n": 3, "setup": setup,
+                "experiment": f"{family.split()[0]}_{experts}"}
     rows = [row("peer (joint)", 16384, 95.0, 0.1), row("peer (joint)", 4096, 96.0, 0.1), row("peer (joint)", 65536, 94.9, 0.1),
             row("engram+peer+mhc (joint)", 16384, 83.0, 0.2), {**row("engram (joint)", 1, 80.0, 0.1), "experts": None}]
     sweeps = report.expert_sweeps(rows)
@@ -189,6 +211,18 @@ def test_expert_sweep_table_and_plot(tmp_path):
     assert lines[-1] == "- peer (joint): 65,536 experts vs 4,096: test ppl 94.90 ± 0.10 vs 96.00 ± 0.10: **lower**"
     image = imread(io.BytesIO(report.png(report.plot_experts(sweeps))))
     assert image.shape[1] > 1200 and image[..., :3].std() > 0.01  # a ppl panel, params, tokens/s
+
+
+def test_an_expert_sweep_compares_only_runs_that_differ_in_the_count_alone(tmp_path):
+    def row(experiment, experts, setup):
+        return {"family": "peer (joint)", "experts": experts, "setup": setup, "experiment": experiment,
+                "test_ppl_mean": 95.0, "test_ppl_std": 0.1}
+    rows = [row("peer", 16384, "a"), row("peer_262k", 262144, "a"), row("peer_2x", 16384, "b"),
+            row("peer_262k_2x", 262144, "b"), row("peer_262k_batchnorm", 262144, "c")]
+    sweeps = report.expert_sweeps(rows)
+    assert {label: [r["experiment"] for r in rows] for label, rows in sweeps.items()} == {
+        "peer (joint): peer, peer_262k": ["peer", "peer_262k"],
+        "peer (joint): peer_2x, peer_262k_2x": ["peer_2x", "peer_262k_2x"]}
 
 
 def test_multirun_report_covers_only_the_sweeps_own_cells(sweep, tmp_path, capsys):

@@ -16,8 +16,9 @@ overcounts: results.json does not split the adapters from the base).
 report.md also gets the modules' final diagnostics (output/input RMS ratios, Engram/PEER RMS ratio,
 Engram gate, PEER expert usage, mHC distance from identity). A run dir holding lm_eval.json
 (`tsparse.lm_eval`) adds one column per lm-eval task/metric (stderr dropped), mean ± std over the seeds
-that have it. Groups of one family (attached kinds + strategy) at two or more PEER expert counts add
-an expert-count table and experts.png (test ppl, params and tokens/s against the count). Writes
+that have it. Groups of one family (attached kinds + strategy) that differ in their PEER expert count
+alone (the same `setup`) at two or more counts add an expert-count table and experts.png (test ppl, params
+and tokens/s against the count). Writes
 report.md, report.csv, loss_curves.png (train/loss per group, mean over seeds) and lr_schedule.png
 (LR per param group, one subplot per group, from its lowest seed) into --out (default: the first
 PATH), each atomically, and prints the table. The sha256 of each file it writes goes into --out's
@@ -37,7 +38,7 @@ import re
 import statistics
 import sys
 import textwrap
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -61,6 +62,7 @@ REFERENCES = ("baseline", "finetune_control")
 METRICS = {"val_ppl": "val/ppl", "test_ppl": "test/ppl", "test_word_ppl": "test/word_ppl"}
 LM_EVAL = "lm_eval/"  # prefix of the lm-eval columns: lm_eval/<task>/<metric>
 MANIFEST = ".tsparse-report.json"  # in --out: name -> sha256 of each file the report wrote there
+SETUP = ("model", "data", "sparse", *KINDS, "strategy", "optim", "tables", "trainer.max_steps")  # what a run trains
 
 
 def group_name(run_name: str | None, experiment: str) -> str:
@@ -125,6 +127,16 @@ class Run:
     def family(self) -> str:
         """The attached module kinds and the strategy, e.g. `peer (joint)`: the cells an expert-count sweep compares."""
         return f"{'+'.join(self.modules) or 'none'} ({OmegaConf.select(self.cfg, 'strategy.name')})"
+
+    @property
+    def setup(self) -> str:
+        """A short hash of what the run trains (`SETUP`, of the module kinds only those attached), its PEER
+        expert count aside: the runs of one expert-count sweep share it."""
+        setup = {key: OmegaConf.to_container(OmegaConf.select(self.cfg, key), resolve=False)
+                 if OmegaConf.is_config(OmegaConf.select(self.cfg, key)) else OmegaConf.select(self.cfg, key)
+                 for key in SETUP if key not in KINDS or key in self.modules}
+        (setup.get("peer") or {}).pop("num_experts", None)
+        return hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     @property
     def experts(self) -> int | None:
@@ -221,7 +233,7 @@ def summarize(groups: dict[tuple[str, str], list[Run]]) -> list[dict]:
     for (experiment, name), runs in groups.items():
         row = {"group": name, "experiment": experiment, "n_seeds": len(runs),
                "seeds": " ".join(str(r.seed) for r in runs),
-               "family": runs[0].family, "experts": runs[0].experts,
+               "family": runs[0].family, "setup": runs[0].setup, "experts": runs[0].experts,
                "total_params": runs[0].total_params, "trainable_params": runs[0].trainable_params}
         for column, key in METRICS.items():
             values = logged_values(runs, key)
@@ -303,12 +315,16 @@ def diagnostics_table(groups: dict[tuple[str, str], list[Run]]) -> str:
 
 
 def expert_sweeps(rows: list[dict]) -> dict[str, list[dict]]:
-    """family -> its rows by expert count, for every family measured at two or more expert counts."""
-    families: dict[str, dict[int, dict]] = defaultdict(dict)
+    """Sweep label -> its rows by expert count, for each setup measured at two or more expert counts. The label
+    is the family, followed by the sweep's experiments where one family has several setups (e.g. budgets)."""
+    sweeps: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
     for row in rows:
         if row["experts"] is not None and row["test_ppl_mean"] is not None:
-            families[row["family"]].setdefault(row["experts"], row)
-    return {f: [by_count[n] for n in sorted(by_count)] for f, by_count in sorted(families.items()) if len(by_count) > 1}
+            sweeps[(row["family"], row["setup"])].setdefault(row["experts"], row)
+    counted = {key: [by_count[n] for n in sorted(by_count)] for key, by_count in sweeps.items() if len(by_count) > 1}
+    setups = Counter(family for family, _ in counted)
+    return {family if setups[family] == 1 else f"{family}: {', '.join(r['experiment'] for r in rows)}": rows
+            for (family, _), rows in sorted(counted.items(), key=lambda item: (item[0][0], item[1][0]["experiment"]))}
 
 
 def experts_table(sweeps: dict[str, list[dict]]) -> str:

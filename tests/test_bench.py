@@ -7,7 +7,7 @@ import matplotlib.image as mpimg
 import pytest
 from hydra import compose, initialize_config_dir
 
-from tsparse.bench import experts
+from tsparse.bench import experts, step_profile
 from tsparse.bench.experts import run as run_bench
 from tsparse.bench.timing import interleaved
 from tsparse.config import config_dir
@@ -67,6 +67,30 @@ def test_bench_compares_compiled_and_eager_steps(tmp_path):
     assert result["modules"] == "mhc" and result["layers"] == 4 and result["graphs"] > 0
     assert result["ratio_q1"] <= result["ratio"] <= result["ratio_q3"] and result["eager_step_s"] > 0
     assert f"compiled / eager {result['ratio']:.3f}" in table
+
+
+def test_profile_alternates_the_counts_and_ranks_ops_by_their_growth(tmp_path, monkeypatch):
+    steps = []  # the step profiled at each call, in order
+
+    def record(step, iters):
+        steps.append(step)
+        return profiled(step, iters)
+
+    profiled = step_profile.profiled
+    monkeypatch.setattr(step_profile, "profiled", record)
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("bench", overrides=["bench=profile", "model=nano", "bench.experts=[256,4096]", "bench.seq_len=32",
+                                          "bench.batch_size=2", "bench.warmup=1", "bench.repeats=2", "bench.iters=1"])
+    table = step_profile.run(cfg, tmp_path)
+    assert len(steps) == 4 and steps[0] is steps[2] and steps[1] is steps[3] and steps[0] is not steps[1]
+    result = json.loads((tmp_path / "profile.json").read_text())
+    rows, meta = result["rows"], result["meta"]
+    assert [r["difference_ms"] for r in rows] == sorted((r["difference_ms"] for r in rows), reverse=True)
+    assert all(r["difference_ms"] == pytest.approx(r["ms_4096"] - r["ms_256"]) for r in rows)
+    by_op = {r["op"]: r for r in rows}
+    assert by_op["aten::topk"]["ms_256"] > 0 and by_op["aten::bmm"]["ms_4096"] > 0  # PEER's routing was profiled
+    assert 0 < meta["self_cpu_ms"]["256"] < 2 * meta["wall_ms"]["256"]
+    assert table.count("\n| `") == step_profile.TOP and (tmp_path / "profile.md").read_text() == table
 
 
 def test_params_cli_reproduces_the_seed_table(capsys):

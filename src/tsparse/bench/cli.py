@@ -14,7 +14,8 @@ from tsparse.config import config_dir
 from tsparse.registry import KINDS
 
 # bench.name -> the module of its family (each has `run(cfg, out_dir) -> markdown`).
-FAMILIES = {"ci": "experts", "micro": "experts", "tinyllama": "experts", "peers": "references", "generate": "generate"}
+FAMILIES = {"ci": "experts", "micro": "experts", "tinyllama": "experts", "peers": "references", "generate": "generate",
+            "profile": "step_profile"}
 _COUNTS = ("batch_size", "seq_len", "iters", "repeats", "tokens", "heads", "top_k", "key_dim", "prompt_tokens",
            "new_tokens", "optim_params")
 

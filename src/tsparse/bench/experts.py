@@ -165,13 +165,14 @@ def run(cfg: DictConfig, out_dir: Path) -> str:
             times = timings(step, cfg, reference)
             s = spread(times["this"])
             first_s = first_medians.setdefault(path, s["median"])
+            if reference:  # medians of the per-repeat pairs
+                vs_first = paired(times, "this", "reference")
+                minus_first = statistics.median(a - b for a, b in zip(times["this"], times["reference"]))
+            else:  # against the first count's median
+                vs_first, minus_first = s["median"] / first_s, s["median"] - first_s
             row.update({f"{path}_step_s": s["median"], f"{path}_step_s_q1": s["q1"], f"{path}_step_s_q3": s["q3"],
                         f"{path}_table_state_ratio": table_state_ratio(model, optimizer),
-                        f"{path}_step_vs_first": paired(times, "this", "reference") if reference else
-                        s["median"] / first_s,
-                        f"{path}_step_minus_first_s": statistics.median(
-                            a - b for a, b in zip(times["this"], times["reference"])) if reference else
-                        s["median"] - first_s})
+                        f"{path}_step_vs_first": vs_first, f"{path}_step_minus_first_s": minus_first})
             print(f"[bench] {label}: {path} training step {s['median'] * 1e3:.1f} ms "
                   f"({row[f'{path}_step_minus_first_s'] * 1e3:+.1f} ms vs the first count), table optimizer state "
                   f"{row[f'{path}_table_state_ratio']:.3f}x table memory", flush=True)

@@ -3,8 +3,9 @@
 Each of `bench.experts` gets its own model and sparse training step (bench.experts' `build` and
 `train_step`). After `warmup` steps each, `repeats` rounds profile `iters` steps of every count in turn
 (torch.profiler, CPU self time), so that the machine's drift falls on every count alike. Per op, the
-median over rounds of its self time per step; ops are listed by how much more time the largest count
-spends in them than the smallest. Writes profile.csv, profile.json and profile.md into the run directory.
+median over rounds of its self time per step, and the largest count's step time over the smallest's as the
+median of the per-round pairs. profile.md lists the ops whose time differs most between the smallest and
+the largest count, growth first; profile.csv and profile.json have them all.
 """
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from omegaconf import DictConfig
 from torch.profiler import ProfilerActivity, profile
 
 from tsparse.bench.experts import build, train_step
+from tsparse.bench.timing import spread
 from tsparse.machine import describe, machine
 
-TOP = 15  # ops listed in profile.md
+TOP = 15  # ops listed in profile.md: the largest differences either way
 
 
 def profiled(step, iters: int) -> tuple[dict[str, float], float]:
@@ -60,6 +62,7 @@ def run(cfg: DictConfig, out_dir: Path) -> str:
     meta = {"machine": machine(), "batch_size": cfg.bench.batch_size, "seq_len": cfg.bench.seq_len,
             "warmup": cfg.bench.warmup, "rounds": cfg.bench.repeats, "steps_per_round": cfg.bench.iters,
             "torch": torch.__version__, "wall_ms": {n: statistics.median(walls[n]) for n in counts},
+            "wall_ratio": spread([b / a for a, b in zip(walls[counts[0]], walls[counts[-1]])]),
             "self_cpu_ms": {n: sum(r[f"ms_{n}"] for r in rows) for n in counts}}
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "profile.csv", "w", newline="") as f:
@@ -78,9 +81,12 @@ def markdown(rows: list[dict], counts: list[int], meta: dict) -> str:
              f"{meta['seq_len']} tokens, {meta['rounds']} alternating rounds of {meta['steps_per_round']} profiled "
              f"steps after {meta['warmup']} warm-up; CPU self time per step, median over rounds. Profiled wall time "
              "per step: " + ", ".join(f"{n:,} experts {meta['wall_ms'][n]:.1f} ms" for n in counts) +
-             "; self time summed over ops: " + ", ".join(f"{meta['self_cpu_ms'][n]:.1f} ms" for n in counts) + ".", "",
+             f" ({counts[-1]:,} / {counts[0]:,}: {meta['wall_ratio']['median']:.3f}, IQR of the per-round pairs "
+             f"{meta['wall_ratio']['q1']:.3f}-{meta['wall_ratio']['q3']:.3f}); self time summed over ops: " +
+             ", ".join(f"{meta['self_cpu_ms'][n]:.1f} ms" for n in counts) + ".", "",
              "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    for r in rows[:TOP]:
+    shown = sorted(rows, key=lambda r: abs(r["difference_ms"]))[-TOP:]
+    for r in sorted(shown, key=lambda r: -r["difference_ms"]):
         lines.append(f"| `{r['op']}` | " + " | ".join(f"{r[f'ms_{n}']:.1f}" for n in counts) +
                      f" | {r['difference_ms']:+.1f} |")
     return "\n".join(lines) + "\n"

@@ -34,13 +34,15 @@ study: install artifacts/micro-base/config.json
 	$(PINNED) $(PY) -m tsparse.train -m +study=$(STUDY)
 
 # The bases study (conf/study/bases.yaml): a base pretrained with each of BASE_SEEDS, then the study's cells
-# on each, in outputs/study/micro-seed<N>/ (about 45 min per base on 2 cores).
+# on each, in outputs/study/micro-seed<N>/ (about 45 min per base on 2 cores). BASES_STUDY=bases_more runs
+# the other claims' cells on the same bases (conf/study/bases_more.yaml; about 22 min more per base).
 BASE_SEEDS ?= 1 2
+BASES_STUDY ?= bases
 artifacts/micro-base-seed%/config.json: | install
 	$(PINNED) $(PY) -m tsparse.train +experiment=pretrain_micro seed=$* model.name_or_path=artifacts/micro-base-seed$*
 
 bases: $(foreach s,$(BASE_SEEDS),artifacts/micro-base-seed$(s)/config.json)
-	for s in $(BASE_SEEDS); do $(PINNED) $(PY) -m tsparse.train -m +study=bases base_seed=$$s || exit $$?; done
+	for s in $(BASE_SEEDS); do $(PINNED) $(PY) -m tsparse.train -m +study=$(BASES_STUDY) base_seed=$$s || exit $$?; done
 
 pretrain: install
 	$(PINNED) $(PY) -m tsparse.train +experiment=pretrain_micro

@@ -49,7 +49,7 @@ def compose_study(study, *overrides):
 
 
 @pytest.mark.parametrize("study", ["quality", "experts", "ablations", "schedule", "init", "routing", "bases",
-                                   "proportions"])
+                                   "bases_more", "proportions"])
 def test_every_cell_of_a_study_composes_with_its_budget(study):
     """Each cell as the sweeper composes it: the sweep's overrides first, then the command line's."""
     experiments = compose_study(study).hydra.sweeper.params["+experiment"].split(",")
@@ -93,10 +93,13 @@ def test_every_cell_of_a_study_composes_with_its_budget(study):
             assert abs(100 * counts[kind] / counts["base"] - seed_share[kind]) < 0.5, (name, counts)
         assert cells["proportions/joint_prop"].sparse.modules == cells["joint"].sparse.modules
         assert cells["proportions/joint_prop"].peer.num_experts == 14641 != cells["joint"].peer.num_experts
-    elif study == "bases":  # the same cells as quality's, on another base, in that base's own sweep dir
+    elif study.startswith("bases"):  # quality's and init's cells on another base, in that base's own sweep dir
         other = compose_study(study, "+experiment=engram", "base_seed=2")
         assert cells["engram"].model.name_or_path.endswith("/micro-base-seed1")
         assert other.model.name_or_path.endswith("/micro-base-seed2") and other.hydra.sweep.dir.endswith("/micro-seed2")
+        assert cells["engram"].hydra.sweep.dir == compose_study("bases", "+experiment=engram").hydra.sweep.dir
+        more = {"hybrid", "staggered", "init/engram_default_init", "init/peer_default_init"}
+        assert more < set(cells) if study == "bases_more" else not more & set(cells)
         quality = compose_study("quality", "+experiment=engram")
         assert cells["engram"].hydra.sweep.dir != quality.hydra.sweep.dir
         assert (OmegaConf.masked_copy(cells["engram"], ["sparse", "engram", "strategy", "optim", "trainer"]) ==

@@ -17,14 +17,13 @@ report.md also gets the modules' final diagnostics (output/input RMS ratios, Eng
 Engram gate, PEER expert usage, mHC distance from identity). A run dir holding lm_eval.json
 (`tsparse.lm_eval`) adds one column per lm-eval task/metric (stderr dropped), mean ± std over the seeds
 that have it. Groups of one family (attached kinds + strategy) that differ in their PEER expert count
-alone (the same `setup`) at two or more counts add an expert-count table and experts.png (test ppl, params
-and tokens/s against the count). Writes
-report.md, report.csv, loss_curves.png (train/loss per group, mean over seeds) and lr_schedule.png
-(LR per param group, one subplot per group, from its lowest seed) into --out (default: the first
-PATH), each atomically, and prints the table. The sha256 of each file it writes goes into --out's
-.tsparse-report.json: its own earlier files it replaces, but a file of those names it did not record
-there (the user's own, or one edited since) makes it refuse, unless --overwrite, which first moves such
-files to --out/.replaced/report.<time>.<random>/.
+alone (the same `setup`) at two or more counts add an expert-count table and experts.png (test ppl,
+params and tokens/s against the count). Writes report.md, report.csv, loss_curves.png (train/loss per
+group, mean over seeds) and lr_schedule.png (LR per param group, one subplot per group, from its lowest
+seed) into --out (default: the first PATH), each atomically, and prints the table. The sha256 of each
+file it writes goes into --out's .tsparse-report.json: its own earlier files it replaces, but a file of
+those names it did not record there (the user's own, or one edited since) makes it refuse, unless
+--overwrite, which first moves such files to --out/.replaced/report.<time>.<random>/.
 """
 from __future__ import annotations
 
@@ -132,9 +131,8 @@ class Run:
     def setup(self) -> str:
         """A short hash of what the run trains (`SETUP`, of the module kinds only those attached), its PEER
         expert count aside: the runs of one expert-count sweep share it."""
-        setup = {key: OmegaConf.to_container(OmegaConf.select(self.cfg, key), resolve=False)
-                 if OmegaConf.is_config(OmegaConf.select(self.cfg, key)) else OmegaConf.select(self.cfg, key)
-                 for key in SETUP if key not in KINDS or key in self.modules}
+        values = {key: OmegaConf.select(self.cfg, key) for key in SETUP if key not in KINDS or key in self.modules}
+        setup = {key: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for key, v in values.items()}
         (setup.get("peer") or {}).pop("num_experts", None)
         return hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

@@ -255,6 +255,7 @@ def test_train_on_a_locked_run_dir_is_one_line_and_writes_nothing(tmp_path, wiki
     (["bench=peers", "bench.threads=-1"], "bench.threads=-1 must be an integer >= 1"),
     (["bench=micro", "+bench.bogus=1"], "bench.bogus is not a bench setting"),
     (["bench=micro", "bench.table_dtype=int8"], "bench.table_dtype='int8' is not allowed"),
+    (["bench=profile", "bench.experts=[16384]"], "bench.experts=[16384] must list two or more expert counts"),
 ])
 def test_every_bench_key_is_checked(argv, needle, capsys):
     assert needle in one_error_line(capsys, lambda: precheck("bench", argv, bench_check))

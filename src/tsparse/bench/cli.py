@@ -63,6 +63,9 @@ def check(cfg: DictConfig) -> None:
         if key not in BENCH_KEYS:
             raise ConfigError(f"bench.{key} is not a bench setting; allowed: {sorted(BENCH_KEYS)}")
         BENCH_KEYS[key](f"bench.{key}", value)
+    if cfg.bench.name == "profile" and len(cfg.bench.experts) < 2:  # it compares the first count with the last
+        raise ConfigError(f"bench.experts={list(cfg.bench.experts)} must list two or more expert counts for "
+                          "bench=profile")
 
 
 @hydra_main("bench", check)

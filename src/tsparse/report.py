@@ -396,8 +396,9 @@ def png(fig: Figure) -> bytes:
 
 
 def csv_text(rows: list[dict]) -> str:
+    """The rows as CSV, one column per key of any row (blank where a row lacks it)."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()

@@ -32,6 +32,7 @@ from tsparse.build import architecture_model
 from tsparse.machine import describe, machine
 from tsparse.optim import SparseAwareAdamW, grad_norm_and_clip_
 from tsparse.registry import param_counts_by_kind, trainable_groups
+from tsparse.report import csv_text
 
 
 def build(cfg: DictConfig, modules: list[str], experts: int, sparse_grad: bool) -> torch.nn.Module:
@@ -191,14 +192,8 @@ def run(cfg: DictConfig, out_dir: Path) -> str:
 
 
 def write_outputs(rows: list[dict], cfg: DictConfig, out_dir: Path, compile_row: dict | None = None) -> str:
-    import csv
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    with open(out_dir / "bench.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    (out_dir / "bench.csv").write_text(csv_text(rows))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     meta = {"preset": cfg.bench.name, "device": device, "pair_with": cfg.bench.pair_with, "machine": machine(),
             "batch_size": cfg.bench.batch_size,

@@ -9,7 +9,6 @@ the largest count, growth first; profile.csv and profile.json have them all.
 """
 from __future__ import annotations
 
-import csv
 import json
 import statistics
 import time
@@ -22,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 from tsparse.bench.experts import build, train_step
 from tsparse.bench.timing import spread
 from tsparse.machine import describe, machine
+from tsparse.report import csv_text
 
 TOP = 15  # ops listed in profile.md: the largest differences either way
 
@@ -65,10 +65,7 @@ def run(cfg: DictConfig, out_dir: Path) -> str:
             "wall_ratio": spread([b / a for a, b in zip(walls[counts[0]], walls[counts[-1]])]),
             "self_cpu_ms": {n: sum(r[f"ms_{n}"] for r in rows) for n in counts}}
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "profile.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    (out_dir / "profile.csv").write_text(csv_text(rows))
     (out_dir / "profile.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     table = markdown(rows, counts, meta)
     (out_dir / "profile.md").write_text(table)
